@@ -1,0 +1,41 @@
+"""qnpu.qcore: the numerics every other layer stands on.
+
+Formats, granularities and `QSpec`; `QTensor` with `quantize` / `dequantize` / `fake_quantize`;
+bit packing in the Ascend layouts; Hadamard matrices and fast transforms; error metrics.
+Pure functions on tensors: imports only torch, numpy, scipy and the standard library.
+"""
+from .hadamard import (
+    hadamard,
+    hadamard_factors,
+    hadamard_transform,
+    is_hadamard_order,
+    random_hadamard,
+    random_hadamard_transform,
+    random_signs,
+)
+from .layout import qparams_shape
+from .metrics import max_abs_error, mse, relative_output_error, sqnr_db
+from .packing import (
+    pack_bits,
+    pack_int2,
+    pack_int4,
+    pack_int4_pairs,
+    unpack_bits,
+    unpack_int2,
+    unpack_int4,
+    unpack_int4_pairs,
+)
+from .qtensor import QTensor, dequantize
+from .quantize import check_finite, choose_qparams, fake_quantize, fake_quantize_ste, quantize
+from .spec import FORMATS, GRANULARITIES, QSpec
+
+__all__ = [
+    "FORMATS", "GRANULARITIES", "QSpec", "QTensor",
+    "check_finite", "choose_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_ste",
+    "qparams_shape",
+    "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "pack_int2", "unpack_int2",
+    "pack_int4_pairs", "unpack_int4_pairs",
+    "hadamard", "hadamard_factors", "hadamard_transform", "is_hadamard_order",
+    "random_signs", "random_hadamard", "random_hadamard_transform",
+    "mse", "max_abs_error", "sqnr_db", "relative_output_error",
+]

@@ -1,0 +1,3 @@
+from qnpu.testing import register_profiles
+
+register_profiles()

@@ -1,0 +1,33 @@
+import json
+import subprocess
+import sys
+
+from qnpu.cli import main
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    assert "hadamard" in capsys.readouterr().out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["torch"].startswith("2.") and data["torch_npu_installed"] in (True, False)
+
+
+def test_hadamard_reports_the_construction(capsys):
+    assert main(["hadamard", "12800", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["power_of_two"] * data["core"] == 12800
+    assert data["core"] == 100
+
+
+def test_unsupported_hadamard_order_exits_2_with_the_reason(capsys):
+    assert main(["hadamard", "6"]) == 2
+    assert "n" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "qnpu.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("qnpu ")

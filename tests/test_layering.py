@@ -13,7 +13,7 @@ ALLOWED_QNPU = {
     "transforms": {"qcore"},
     "models": {"qcore", "transforms"},
     "lowering": {"qcore"},
-    "testing": {"qcore"},
+    "testing": {"qcore", "transforms"},
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
                      "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu"},

@@ -1,0 +1,35 @@
+"""qnpu.transforms: pure quantization algorithms that compose into recipes.
+
+A transform is ``QTransform(init, update)``: ``state = t.init(view)``,
+``view, state = t.update(view, state)`` over a `BlockView` (one decoder block's params,
+structure, calibration stats and specs). Recipes are values::
+
+    recipe = chain(quant_specs(weight=QSpec(bits=4)), masked("*.mlp.down_proj",
+                   quant_specs(weight=QSpec(bits=8))), gptq(block_size=128))
+"""
+from .base import (
+    EmptyState,
+    QTransform,
+    derive_seed,
+    generator,
+    recipe_from_dict,
+    recipe_to_dict,
+    register_state,
+    register_transform,
+    registered_transforms,
+    state_from_dict,
+    state_to_dict,
+)
+from .block import block_forward, rms_norm, rope
+from .combinators import chain, masked, partition, quant_specs
+from .rounding import WeightsState, rtn
+from .stats import block_stats, linear_stats
+from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformError, make_view
+
+__all__ = [
+    "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
+    "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "generator",
+    "chain", "masked", "partition", "quant_specs", "rtn",
+    "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
+    "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",
+]

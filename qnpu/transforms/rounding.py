@@ -1,0 +1,70 @@
+"""Round-to-nearest (RTN) and stochastic rounding of weights, plus helpers every weight rounder shares.
+
+Every weight-rounding transform reads each target's weight spec from ``view.specs`` (set with
+`quant_specs`), replaces ``"<name>.weight"`` by its dequantized value (same dtype and shape, so
+the block still runs in float) and keeps the integer `QTensor` in a `WeightsState`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from qnpu.qcore import QSpec, QTensor, check_finite, quantize
+
+from .base import QTransform, generator, register_state, register_transform
+from .view import BlockView, fail
+
+
+@register_state
+class WeightsState(NamedTuple):
+    """Quantized weights by linear name (labels relative to the block)."""
+
+    qweights: dict
+
+
+def checked_weight(view: BlockView, name: str, transform: str) -> torch.Tensor:
+    """``name``'s weight, after a NaN/Inf check whose message names the layer."""
+    w = view.weight(name)
+    try:
+        check_finite(w, "weight")
+    except ValueError as err:
+        fail(transform, view, name, str(err), "inspect the checkpoint; quantization needs finite weights")
+    return w
+
+
+def quantizable(view: BlockView, transform: str) -> list[tuple[str, QSpec]]:
+    """``(name, weight spec)`` of the targets to quantize. Targets without a weight spec stay
+    float; if no target has one the recipe is wrong, and a `TransformError` says how to fix it."""
+    found = [(n, view.specs[n].weight) for n in view.targets
+             if view.specs.get(n) is not None and view.specs[n].weight is not None]
+    if not found and view.targets:
+        fail(transform, view, view.targets[0], "no weight spec is set",
+             f"put quant_specs(weight=QSpec(...)) before {transform}() in the chain")
+    return found
+
+
+def store(view: BlockView, state: WeightsState, results: dict[str, QTensor]) -> tuple[BlockView, WeightsState]:
+    """Write dequantized weights into the view and the QTensors into the state."""
+    updates = {f"{n}.weight": q.dequantize(view.weight(n).dtype) for n, q in results.items()}
+    return view.with_params(updates), WeightsState({**state.qweights, **results})
+
+
+@register_transform("rtn")
+def rtn(rounding: str = "nearest", seed: int = 0) -> QTransform:
+    """Round each weight to its spec's grid: ``W_q = clamp(round(W / s) + z)``, ``s, z`` from a
+    preceding scale search (``weight_qparams``) or else absmax / min-max per slice. ``rounding="stochastic"`` draws
+    ``floor(v + u)`` with ``u`` from a generator seeded by ``(seed, label)``."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rtn: rounding={rounding!r}; allowed: 'nearest' | 'stochastic'")
+
+    def update(view: BlockView, state: WeightsState):
+        results = {}
+        for name, spec in quantizable(view, "rtn"):
+            w = checked_weight(view, name, "rtn")
+            gen = generator(seed, view.label(name)) if rounding == "stochastic" else None
+            scale, zero_point = view.specs[name].weight_qparams or (None, None)
+            results[name] = quantize(w, spec, scale=scale, zero_point=zero_point, rounding=rounding, generator=gen)
+        return store(view, state, results)
+
+    return QTransform(lambda view: WeightsState({}), update)

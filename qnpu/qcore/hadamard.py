@@ -22,8 +22,8 @@ squares, ``-1`` otherwise).  With ``S = [[0, 1^T], [-1, Q]]`` (skew, for
 ``kron(S, [[1, 1], [1, -1]]) + kron(I, [[1, -1], [-1, -1]])``.
 
 ``hadamard_transform`` computes ``x @ H.T`` without materializing ``H``: one
-``m x m`` matmul for the core and the fast Walsh-Hadamard transform (log2 of
-``2^k`` butterfly stages, Yates/Good style, O(n log n)) for the Sylvester part.
+``m x m`` matmul for the core and, for the Sylvester factor, the fast
+Walsh-Hadamard transform (k butterfly stages, O(n log n); Yates 1937, Good 1958).
 """
 
 from __future__ import annotations
@@ -35,15 +35,8 @@ import operator
 import numpy as np
 import torch
 
-__all__ = [
-    "hadamard_factors",
-    "is_hadamard_order",
-    "hadamard",
-    "hadamard_transform",
-    "random_signs",
-    "random_hadamard",
-    "random_hadamard_transform",
-]
+__all__ = ["hadamard_factors", "is_hadamard_order", "hadamard", "hadamard_transform",
+           "random_signs", "random_hadamard", "random_hadamard_transform"]
 
 MAX_CORE = 65536
 _ALLOWED = ("2^k * m with m in {1, q+1 for a prime power q = 3 (mod 4), "
@@ -83,6 +76,25 @@ def _nearest(n: int) -> tuple[int | None, int]:
     return below, above
 
 
+def _factor(n: int) -> tuple[int, int, str] | None:
+    table = _core_table()
+    if n < 1:
+        return None
+    k = (n & -n).bit_length() - 1
+    for j in range(k, -1, -1):  # increasing m: the cheapest transform first
+        m = n >> j
+        if m > MAX_CORE:
+            return None
+        if m in table:
+            kind, q, p, e = table[m]
+            how = f"sylvester(2^{j})"
+            if m > 1:
+                qs = f"{p}^{e}" if e > 1 else f"{q}"
+                how = (f"{how} x " if j else "") + f"{kind}(q={qs})"
+            return 1 << j, m, how
+    return None
+
+
 def hadamard_factors(n: int) -> tuple[int, int, str]:
     """Split ``n = p2 * m`` (p2 a power of two, m the smallest usable core).
 
@@ -90,20 +102,9 @@ def hadamard_factors(n: int) -> tuple[int, int, str]:
     ``2^k * m`` described in the module docstring.
     """
     n = operator.index(n)
-    table = _core_table()
-    if n >= 1:
-        k = (n & -n).bit_length() - 1
-        for j in range(k, -1, -1):  # increasing m: the cheapest transform first
-            m = n >> j
-            if m > MAX_CORE:
-                break
-            if m in table:
-                kind, q, p, e = table[m]
-                how = f"sylvester(2^{j})"
-                if m > 1:
-                    qs = f"{p}^{e}" if e > 1 else f"{q}"
-                    how = (f"{how} x " if j else "") + f"{kind}(q={qs})"
-                return 1 << j, m, how
+    found = _factor(n)
+    if found is not None:
+        return found
     below, above = _nearest(n)
     near = (f"below={below}, " if below is not None else "") + f"above={above}"
     raise ValueError(f"unsupported Hadamard size n={n}: n must be {_ALLOWED}; "
@@ -111,32 +112,30 @@ def hadamard_factors(n: int) -> tuple[int, int, str]:
 
 
 def is_hadamard_order(n) -> bool:
-    """True iff ``hadamard_factors(n)`` succeeds."""
+    """True iff ``hadamard_factors(n)`` succeeds (never raises)."""
     try:
-        hadamard_factors(n)
-    except (ValueError, TypeError):
+        return _factor(operator.index(n)) is not None
+    except TypeError:
         return False
-    return True
 
 
 def _irreducible(p: int, e: int) -> np.ndarray:
     """Monic irreducible polynomial of degree e over GF(p), lowest coefficient first."""
 
-    def rem_nonzero(f: list[int], g: list[int]) -> bool:
-        r = list(f)
-        for top in range(len(r) - 1, len(g) - 2, -1):  # g is monic
-            c = r[top]
-            for i, gi in enumerate(g):
-                r[top - len(g) + 1 + i] = (r[top - len(g) + 1 + i] - c * gi) % p
-        return any(r[: len(g) - 1])
-
     def poly(code: int, deg: int) -> list[int]:
         return [(code // p**i) % p for i in range(deg)] + [1]
 
+    def divides(g: list[int], f: list[int]) -> bool:  # long division by monic g
+        r, d = list(f), len(g) - 1
+        for top in range(len(r) - 1, d - 1, -1):
+            window = r[top - d : top + 1]
+            r[top - d : top + 1] = [(ri - r[top] * gi) % p for ri, gi in zip(window, g)]
+        return not any(r[:d])
+
+    # Reducible iff some monic factor of degree <= e/2 exists; e is small for q <= 65536.
     for code in range(1, p**e):
         f = poly(code, e)
-        if f[0] and all(rem_nonzero(f, poly(c, d))
-                        for d in range(1, e // 2 + 1) for c in range(p**d)):
+        if not any(divides(poly(c, d), f) for d in range(1, e // 2 + 1) for c in range(p**d)):
             return np.array(f, dtype=np.int64)
     raise AssertionError(f"no irreducible polynomial of degree {e} over GF({p})")
 
@@ -198,13 +197,9 @@ def _paley_core(kind: str, p: int, e: int) -> np.ndarray:
     return core
 
 
-_UNIT = np.ones((1, 1), dtype=np.int8)
-_UNIT.flags.writeable = False
-
-
 def _core(m: int) -> np.ndarray:
     kind, _, p, e = _core_table()[m]
-    return _UNIT if kind == "sylvester" else _paley_core(kind, p, e)
+    return np.ones((1, 1), dtype=np.int8) if m == 1 else _paley_core(kind, p, e)
 
 
 def hadamard(n: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -20,9 +20,12 @@ from .base import (
     state_from_dict,
     state_to_dict,
 )
+from .activations import ActivationState, activation_scales
+from .awq import AWQState, awq
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .rounding import WeightsState, rtn
+from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
 from .stats import block_stats, linear_stats
 from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformError, make_view
 
@@ -30,6 +33,8 @@ __all__ = [
     "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
     "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "generator",
     "chain", "masked", "partition", "quant_specs", "rtn",
+    "activation_scales", "ActivationState", "awq", "AWQState",
+    "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
     "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",
 ]

@@ -1,0 +1,261 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration").
+
+Salient input channels (large mean activation) lose less to rounding if their weight columns are
+scaled up before quantization and the scale is undone on the activation side, where it folds
+into the producer of that activation for free::
+
+    X W^T = (X diag(1/s)) (W diag(s))^T,   s_j = mean_n |X[n, j]|^alpha / sqrt(max(s^a) min(s^a))
+
+Per smoothing pair (producer -> consumers) of the block, ``alpha`` is chosen on a grid in
+``[0, 1)`` by the consumers' output error on the calibration tokens with round-to-nearest under
+each consumer's weight spec::
+
+    E(alpha) = sum_c || X W_c^T - (X / s) Q(W_c diag(s))^T ||_F^2
+
+``alpha = 0`` gives ``s = 1``, plain RTN, so the chosen ``E`` is never above RTN's. The best
+``s`` is folded: consumer columns ``W_c <- W_c diag(s)``; the producer is divided by ``s``, an
+RMSNorm weight ``g <- g / s`` or a linear's output rows and bias ``W_p <- diag(1/s) W_p``. In
+float the block computes exactly the same function (up to rounding).
+
+Pairs: ``structure.norm_pairs`` (RMSNorm -> q, k, v and -> gate, up) and
+``structure.linear_pairs`` (v -> o, exact because attention mixes v linearly over tokens per
+channel; up -> down, exact because ``silu(gate) * up`` is linear in ``up``). With grouped-query
+attention, o's input column ``(h, d)`` reads kv head ``h // (num_heads / num_kv_heads)``, so the
+search runs over v's ``num_kv_heads * head_dim`` output channels and each ``s[(c, d)]`` scales
+every o column ``(h, d)`` with ``h // group == c``.
+
+Then (``clip=True``, AWQ's weight clipping) each quantizable target gets, per slice (output row
+or group), the clip ratio minimizing its output error on the tokens, stored as ``weight_qparams``
+for the rounder that follows (`rtn`, `gptq`).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from qnpu.qcore import QSpec, fake_quantize
+
+from .base import QTransform, register_state, register_transform
+from .rounding import checked_weight, quantizable
+from .scale_search import (
+    CHUNK_ELEMENTS,
+    candidate_ratios,
+    clip_qparams,
+    compute_dtype,
+    fake_quantize_candidates,
+    pick,
+)
+from .view import BlockStructure, BlockView, LinearStats, fail
+
+
+@register_state
+class AWQState(NamedTuple):
+    """scales: producer name -> ``s`` over the producer's output channels (the pair's key);
+    alphas: producer name -> chosen ``alpha``; clip_ratios: linear name -> clip ratio per slice."""
+
+    scales: dict
+    alphas: dict
+    clip_ratios: dict
+
+
+# -- pure core ----------------------------------------------------------------------------------
+def scale_stats(st: LinearStats, s: torch.Tensor) -> LinearStats:
+    """Statistics of the input ``X' = X diag(1/s)`` given those of ``X``: ``H' = diag(1/s) H diag(1/s)``,
+    ``absmax' = absmax / s``, rows / s, ``fp_cross' = diag(1/s) fp_cross diag(1/s)``."""
+    inv = 1.0 / s.double()
+
+    def vec(t):
+        return None if t is None else (t.double() * inv).to(t.dtype)
+
+    def mat(t):
+        return None if t is None else (inv[:, None] * t.double() * inv[None, :]).to(t.dtype)
+
+    return LinearStats(hessian=mat(st.hessian), absmax=vec(st.absmax), tokens=vec(st.tokens),
+                       fp_tokens=vec(st.fp_tokens), fp_cross=mat(st.fp_cross))
+
+
+def activation_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = x_mean^alpha`` (floored at 1e-4), divided by ``sqrt(max(s) min(s))`` so that the
+    scales straddle 1; ``alpha = 0`` gives exactly ones."""
+    s = x_mean.pow(alpha).clamp(min=1e-4)
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def scaled_output_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, spec: QSpec,
+                        ref: torch.Tensor | None = None) -> torch.Tensor:
+    """``||X W^T - (X / s) Q(W diag(s))^T||_F^2`` with ``Q`` round-to-nearest under ``spec``
+    (``w [out, in]``, ``x [m, in]``, ``s [in]``; ``ref = X W^T`` if precomputed)."""
+    ref = x @ w.T if ref is None else ref
+    q = fake_quantize(w * s, spec)
+    return (ref - (x / s) @ q.T).square().sum()
+
+
+def search_scales(x_mean: torch.Tensor, consumers: list[tuple[torch.Tensor, torch.Tensor, QSpec]],
+                  expand: Callable[[torch.Tensor], torch.Tensor], grid: int) -> tuple[torch.Tensor, float, float]:
+    """AWQ's alpha grid search: ``alpha in {0, 1/grid, ..., (grid-1)/grid}``, ``s = activation_scales``
+    over the producer's channels, ``expand(s)`` over the consumers' input columns, and the summed
+    `scaled_output_error` of the ``(w, x, spec)`` consumers. Returns ``(s, alpha, error)``; on ties the
+    smaller alpha wins."""
+    refs = [x @ w.T for w, x, _ in consumers]
+    best = None
+    for i in range(grid):
+        alpha = i / grid
+        s = activation_scales(x_mean, alpha)
+        sc = expand(s)
+        err = sum(float(scaled_output_error(w, x, sc, spec, ref)) for (w, x, spec), ref in zip(consumers, refs))
+        if best is None or err < best[2]:
+            best = (s, alpha, err)
+    return best
+
+
+def output_slice_errors(d: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Output error of weight errors ``d [C, out, in]`` on tokens ``x [m, in]`` per slice ``[C, *P]``:
+    per tensor ``||X D^T||^2``, per channel ``||X d_o||^2``, per group the error of the group's
+    partial output ``||X_g d_{o,g}||^2`` (AWQ's per-group clipping objective)."""
+    if spec.granularity == "group":
+        n = d.shape[-1] // spec.group_size
+        partial = torch.einsum("cong,mng->conm", d.unflatten(-1, (n, spec.group_size)),
+                               x.unflatten(-1, (n, spec.group_size)))
+        return partial.square().sum(-1)
+    out = (d @ x.T).square()
+    return out.sum((1, 2)) if spec.granularity == "tensor" else out.sum(-1, keepdim=True)
+
+
+def clip_search(w: torch.Tensor, x: torch.Tensor, spec: QSpec, ratios: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per slice, the clip ratio in ``ratios`` (last = 1, the spec's own range) minimizing
+    `output_slice_errors`; returns ``(scale, zero_point, ratio)`` in the natural shape."""
+    out, k = w.shape
+    groups = k // spec.group_size if spec.granularity == "group" else 1
+    step = max(1, CHUNK_ELEMENTS // max(out * k, out * groups * x.shape[0]))
+    errors, scales, zps = [], [], []
+    for start in range(0, len(ratios), step):
+        scale, zp = clip_qparams(w, spec, ratios[start:start + step])
+        d = w - fake_quantize_candidates(w, spec, scale, zp)
+        errors.append(output_slice_errors(d, x, spec))
+        scales.append(scale)
+        zps.append(zp)
+    scale = torch.cat(scales)
+    r = ratios.to(scale.dtype).reshape(-1, *([1] * (scale.ndim - 1))).expand_as(scale)
+    return pick(torch.cat(errors), (scale, None if zps[0] is None else torch.cat(zps), r))
+
+
+# -- wiring -------------------------------------------------------------------------------------
+def _channel_maps(view: BlockView, producer: str, n_producer: int, n_consumer: int):
+    """``(expand, collapse)`` between the producer's output channels and the consumers' inputs."""
+    st: BlockStructure = view.structure
+    if n_producer == n_consumer:
+        return (lambda s: s), (lambda v: v)
+    group = st.num_heads // st.num_kv_heads
+    if producer == st.v and n_producer == st.num_kv_heads * st.head_dim and n_consumer == n_producer * group:
+        kv, hd = st.num_kv_heads, st.head_dim
+        return (lambda s: s.view(kv, 1, hd).expand(kv, group, hd).reshape(-1),
+                lambda v: v.view(kv, group, hd).mean(1).reshape(-1))
+    fail("awq", view, producer, f"its {n_producer} output channels do not map onto the consumers' "
+         f"{n_consumer} input channels", "check the BlockStructure (heads, head_dim) of this model")
+
+
+def _tokens(view: BlockView, stats: dict, name: str, max_tokens: int) -> torch.Tensor:
+    st = stats.get(name)
+    if st is None or st.tokens is None:
+        fail("awq", view, name, "no calibration tokens in view.stats",
+             "calibrate the block (block_stats / the model calibration engine) before awq")
+    return st.tokens[:max_tokens]
+
+
+def _check_int(name: str, value, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"awq: {name}={value!r} is invalid; allowed: an int >= {lowest}")
+
+
+@register_transform("awq")
+def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float = 0.5,
+        max_tokens: int = 256) -> QTransform:
+    """AWQ scaling (and clipping) of the block's smoothing pairs; see the module docstring.
+
+    A pair is processed when all its consumers are targets; each must have a weight spec
+    (TransformError otherwise). The producer is changed even when it is not a target (it stays
+    in float terms the same function). A pair whose RMSNorm has no weight in ``params`` is skipped
+    (creating one would add a parameter the model does not have). Consumers' stats are rescaled to
+    match their new inputs (`scale_stats`). ``grid``: number of alphas; ``clip_grid`` ratios in
+    ``[min_clip, 1]``; ``max_tokens``: token rows used by both searches.
+
+    Clipping covers every target with a uniform weight spec, q and k included (the reference
+    implementation leaves q/k unclipped because their output error is not what attention sees;
+    here each clip can only lower its own layer's output error on the tokens). Binary specs are
+    not clipped.
+    """
+    _check_int("grid", grid, 1)
+    _check_int("clip_grid", clip_grid, 2)
+    _check_int("max_tokens", max_tokens, 1)
+    if not isinstance(clip, bool):
+        raise ValueError(f"awq: clip={clip!r} is invalid; allowed: True | False")
+    if isinstance(min_clip, bool) or not isinstance(min_clip, (int, float)) or not 0 < min_clip <= 1:
+        raise ValueError(f"awq: min_clip={min_clip!r} is invalid; allowed: a number in (0, 1]")
+
+    def update(view: BlockView, state: AWQState):
+        quantizable(view, "awq")  # a recipe without weight specs is wrong: say so first
+        st = view.structure
+        params, stats = {}, dict(view.stats)
+        scales, alphas = dict(state.scales), dict(state.alphas)
+
+        def param(key):
+            return params.get(key, view.params.get(key))
+
+        pairs = [(p, cs, True) for p, cs in st.norm_pairs] + [(p, cs, False) for p, cs in st.linear_pairs]
+        for producer, consumers, is_norm in pairs:
+            if not all(c in view.targets for c in consumers):
+                continue
+            for c in consumers:
+                if view.specs.get(c) is None or view.specs[c].weight is None:
+                    fail("awq", view, c, "no weight spec is set, so AWQ cannot search its scales",
+                         "put quant_specs(weight=QSpec(...)) before awq() in the chain")
+                checked_weight(view, c, "awq")
+            p_key = f"{producer}.weight"
+            if param(p_key) is None:
+                continue  # weightless RMSNorm: nothing to fold 1/s into
+            ws = [param(f"{c}.weight") for c in consumers]
+            cdt = compute_dtype(ws[0])
+            xs = [_tokens(view, stats, c, max_tokens).to(cdt) for c in consumers]
+            n_prod = param(p_key).shape[0]
+            expand, collapse = _channel_maps(view, producer, n_prod, ws[0].shape[1])
+            x_mean = collapse(xs[0].abs().mean(0))
+            s, alpha, _ = search_scales(x_mean, [(w.to(cdt), x, view.specs[c].weight)
+                                                 for w, x, c in zip(ws, xs, consumers)], expand, grid)
+            sc = expand(s)
+            for c, w in zip(consumers, ws):
+                params[f"{c}.weight"] = (w.to(cdt) * sc).to(w.dtype)
+                stats[c] = scale_stats(stats[c], sc)
+            g = param(p_key)
+            params[p_key] = (g.to(cdt) / s if is_norm else g.to(cdt) / s[:, None]).to(g.dtype)
+            b = None if is_norm else param(f"{producer}.bias")
+            if b is not None:
+                params[f"{producer}.bias"] = (b.to(cdt) / s).to(b.dtype)
+            scales[producer], alphas[producer] = s, alpha
+
+        view = view.with_params(params).with_stats(stats)
+        clip_ratios = dict(state.clip_ratios)
+        if clip:
+            ratios = candidate_ratios(clip_grid, float(min_clip))
+            specs = {}
+            for name, spec in quantizable(view, "awq"):
+                if spec.format == "binary":
+                    continue  # sign codes have no range to clip
+                if (spec.granularity == "channel" and spec.axis not in (0, -2)) or \
+                        (spec.granularity == "group" and spec.axis not in (1, -1)):
+                    fail("awq", view, name, f"clipping needs a per-channel (axis=0) or per-group (axis=-1) "
+                         f"weight spec; got {spec.granularity} axis={spec.axis}",
+                         "set the weight spec with quant_specs, or use awq(clip=False)")
+                w = view.weight(name)
+                cdt = compute_dtype(w)
+                scale, zp, r = clip_search(w.to(cdt), _tokens(view, view.stats, name, max_tokens).to(cdt),
+                                           spec, ratios)
+                specs[name] = view.specs[name]._replace(weight_qparams=(scale, zp))
+                clip_ratios[name] = r * float(spec.clip_ratio)
+            view = view.with_specs(specs)
+        return view, AWQState(scales, alphas, clip_ratios)
+
+    return QTransform(lambda view: AWQState({}, {}, {}), update)
+

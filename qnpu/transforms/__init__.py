@@ -22,10 +22,12 @@ from .base import (
 )
 from .activations import ActivationState, activation_scales
 from .awq import AWQState, awq
+from .billm import BiLLMState, billm
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .rounding import WeightsState, rtn
 from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
+from .slim_llm import SlimLLMState, slim_llm
 from .stats import block_stats, linear_stats
 from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformError, make_view
 
@@ -35,6 +37,7 @@ __all__ = [
     "chain", "masked", "partition", "quant_specs", "rtn",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
+    "billm", "BiLLMState", "slim_llm", "SlimLLMState",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
     "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",
 ]

@@ -14,11 +14,13 @@ from qnpu.qcore import QSpec
 from qnpu.testing import random_block
 from qnpu.transforms import (
     awq,
+    billm,
     chain,
     mse_scale_search,
     percentile_scales,
     quant_specs,
     rtn,
+    slim_llm,
     state_from_dict,
     state_to_dict,
 )
@@ -38,6 +40,8 @@ def _rows():
         ("percentile", lambda w: chain(quant_specs(weight=w), percentile_scales(), rtn()), W4, False),
         # AWQ rescales weights and stats, so the weight-space Hessian error is not its objective
         ("awq", lambda w: chain(quant_specs(weight=w), awq(), rtn()), W3G, False),
+        ("billm", lambda w: chain(quant_specs(weight=w), billm()), QSpec(bits=1, format="binary"), True),
+        ("slim_llm", lambda w: chain(quant_specs(weight=w), slim_llm(bits=3, group_size=32)), W3G, True),
     ]
     return rows
 

@@ -1,0 +1,380 @@
+"""BiLLM (Huang et al. 2024, "BiLLM: Pushing the Limit of Post-Training Quantization for LLMs").
+
+Per linear ``W [out, in]`` with input Hessian ``H = X^T X / n [in, in]``:
+
+1. OBS setup (as GPTQ, Frantar et al. 2022): damp ``H + damp * mean(diag H) * I``, zero dead
+   columns (``H_jj = 0``), and take ``U``, the upper Cholesky factor of the damped ``H^-1``.
+   ``U_jj^2 = [H_F^-1]_jj`` is the OBS denominator of column ``j`` when the columns before it
+   have been fixed (``F`` = columns ``j..in-1``).
+2. Columns are processed in blocks of ``block_size``. At the start of each block, from the block's
+   current (error-compensated) weights ``W_b``:
+
+   * column salience ``s_j = sum_i W_ij^2 / U_jj^2`` (the papers write ``w^2 / [H^-1]_jj^2``
+     with ``[H^-1]`` standing for this Cholesky factor, as their reference code does);
+   * salient columns: the ``k`` most salient. With ``salient_fraction=None`` a structural search
+     picks ``k in 0..floor(max_salient_fraction * n_b)`` (at most half the block) minimizing the
+     binarization error ``sum_j ||w_j - b_j||^2 / U_jj^2`` with the top-``k`` columns residual-
+     binarized and the others binarized first-order as one group (the split is left out of this
+     search to keep it cheap). Deviation from the paper, whose search minimizes the unweighted
+     error: the OBS weight ``1 / U_jj^2`` ties the search to the calibration objective. Measured
+     on `qnpu.testing.random_block` seeds 0-3 (28 linears, mean of tr(dH d^T) relative to
+     ``k = 0``, cap 0.2): unweighted 0.58 at 1.19 sign bits, weighted 0.22 at 1.06 sign bits.
+     A fixed ``salient_fraction`` uses ``k = round(salient_fraction * n_b)``;
+   * residual (second-order) binarization of salient weights, per row ``i`` of the block:
+     ``B1 = mu1 + a1 sign(W - mu1)``, ``B2 = mu2 + a2 sign(W - B1 - mu2)``, ``a = mean|. - mu|``,
+     ``mu = mean(.)`` over the row's salient entries (``mu = 0`` with ``mean_offsets=False``);
+   * non-salient "bell-shaped" split: a break point ``p`` (searched over ``split_grid`` quantiles
+     in [0.1, 0.9] of ``|W_N|``) splits ``N`` into concentrated ``|w| <= p`` and sparse
+     ``|w| > p`` weights, each binarized once with its own per-row ``(a, mu)``; ``p`` minimizes
+     the squared binarization error of ``N``. ``split=False`` binarizes ``N`` as one group.
+3. Inside the block the parameters (masks, ``a``, ``mu``) stay fixed and columns are binarized one
+   by one with OBS error feedback ``err_j = (w_j - q_j) / U_jj``, ``W[:, j:] -= err_j U[j, j:]``
+   (within the block), then ``W[:, end:] -= Err U[block, end:]`` (lazy batch, as GPTQ). The
+   reference code binarizes each block without the within-block feedback; we keep it, which is
+   GPTQ's exact sequential update for parameters fixed per block.
+
+Storage and bit accounting (`BinarizedWeight`), per linear with ``n = out * in`` weights, ``n_s``
+salient columns, and ``SCALE_BITS = 16`` (fp16) per stored scale or offset::
+
+    sign bits      out * in                 first-order sign of every weight (``codes``)
+                 + out * n_s                second-order sign of salient weights (``residual_codes``)
+    split bitmap   out * (in - n_s)         concentrated/sparse bit per non-salient weight (split=True)
+    column bitmap  in                       salient-column flag
+    qparams        16 * out * sum_blocks c_b * (2 if mean_offsets else 1)
+                   c_b = (2 if block has salient columns else 0) + (2 if split else 1)
+    bits_per_weight       = (all of the above) / n
+    paper_bits_per_weight = (sign bits) / n = 1 + n_s / in   (the paper's headline "1.08 bits")
+
+The paper's headline 1.08-1.1 bits equals the sign bits alone (``2 r + (1 - r)`` for a salient
+fraction ``r``); the split bitmap costs one more bit per non-salient weight, and the per-row,
+per-block fp16 scales and offsets ``16 * c_b * 2 / block_size`` (1 bit at block 128),
+so the honest storage is above 2 bits per weight (use ``split=False, mean_offsets=False`` and a
+large block for ~1.1-1.4 bits). Both numbers are recorded.
+
+Spec: BiLLM needs the target's weight spec only to know that it is binarized; it must be
+``format="binary"`` (e.g. ``QSpec(bits=1, format="binary")``); its granularity is not used (scales
+are per row and per block). A preceding scale search's ``weight_qparams`` cannot be honoured and
+is rejected.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .base import QTransform, register_state, register_transform
+from .rounding import checked_weight, quantizable
+from .view import BlockView, fail
+
+SCALE_BITS = 16
+# order of the stacked per-row parameters in `BinarizedWeight.scale` / `.offset`
+COMPONENTS = ("salient", "salient_residual", "concentrated", "sparse")
+
+
+@register_state
+class BinarizedWeight(NamedTuple):
+    """One linear binarized by BiLLM (shapes for ``W [out, in]``, ``nb = ceil(in / block_size)``).
+
+    codes:          int8 [out, in] in {-1, +1}: first-order sign of every weight.
+    residual_codes: int8 [out, n_s] in {-1, +1}: second-order sign of the salient columns, in
+                    increasing column order.
+    salient:        bool [in]: salient-column mask.
+    sparse:         bool [out, in]: non-salient weights in the sparse (``|w| > p``) group; False on
+                    salient columns.
+    scale, offset:  [4, out, nb] per-row per-block ``a`` and ``mu`` of `COMPONENTS` (offsets are
+                    zero when ``mean_offsets`` is False; unused components are zero).
+    """
+
+    codes: torch.Tensor
+    residual_codes: torch.Tensor
+    salient: torch.Tensor
+    sparse: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    block_size: int
+    split: bool
+    mean_offsets: bool
+    bits_per_weight: float
+    paper_bits_per_weight: float
+    dtype: str
+
+
+@register_state
+class BiLLMState(NamedTuple):
+    """`BinarizedWeight` by linear name (relative to the block)."""
+
+    weights: dict
+
+
+# -- shared OBS helpers (also used by slim_llm) ----------------------------------------------------
+def compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def inverse_hessian_cholesky(w: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', U)``: ``W`` in compute precision with dead columns (``H_jj = 0``) zeroed, and the upper
+    Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (``H_jj := 1`` on dead columns).
+    Raises ValueError when the damped Hessian is not positive definite."""
+    dt = compute_dtype(w)
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={w.shape[1]}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the Hessian has NaN/Inf entries")
+    h = hessian.detach().to(dt).clone()
+    w = w.detach().to(dt).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    idx = torch.arange(h.shape[0])
+    h[idx, idx] += damp * torch.mean(torch.diag(h))
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError("the damped Hessian is not positive definite")
+    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if int(info) != 0:
+        raise ValueError("the inverse Hessian is not positive definite")
+    return w, u
+
+
+def column_salience(w: torch.Tensor, u_diag: torch.Tensor) -> torch.Tensor:
+    """OBS column salience ``s_j = sum_i W_ij^2 / U_jj^2`` ([in])."""
+    return (w ** 2).sum(0) / u_diag ** 2
+
+
+def hessian_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The calibration objective ``tr((W - Q) H (W - Q)^T)`` in float64."""
+    d = (w.double() - q.double())
+    return float(torch.einsum("oi,ij,oj->", d, hessian.double(), d))
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+# -- binarizers ------------------------------------------------------------------------------------
+def _masked_fit(x: torch.Tensor, mask: torch.Tensor, offsets: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(a, mu)`` over the entries of ``x`` where ``mask``: ``mu = mean``, ``a = mean|x - mu|``."""
+    m = mask.to(x.dtype)
+    count = m.sum(-1).clamp(min=1)
+    mu = (x * m).sum(-1) / count if offsets else torch.zeros(x.shape[:-1], dtype=x.dtype)
+    a = ((x - mu.unsqueeze(-1)).abs() * m).sum(-1) / count
+    return a, mu
+
+
+def _binarize(x: torch.Tensor, a: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return mu.unsqueeze(-1) + a.unsqueeze(-1) * _sign(x - mu.unsqueeze(-1))
+
+
+def _fit_error(x: torch.Tensor, col_weight: torch.Tensor, offsets: bool, order: int) -> float:
+    """Column-weighted squared error ``sum_ij c_j (x_ij - b_ij)^2`` of binarizing ``x [out, m]`` with
+    per-row parameters, first-order (``order=1``) or residual second-order (``order=2``)."""
+    if x.shape[1] == 0:
+        return 0.0
+    full = torch.ones_like(x, dtype=torch.bool)
+    r = x
+    for _ in range(order):
+        r = r - _binarize(r, *_masked_fit(r, full, offsets))
+    return float(((r ** 2) * col_weight).sum())
+
+
+def _choose_k(wb: torch.Tensor, order: torch.Tensor, col_weight: torch.Tensor, k_max: int, offsets: bool) -> int:
+    """Salient-column count: the ``k`` minimizing the OBS-weighted error of binarizing the top-``k``
+    columns with the residual scheme and the rest first-order (the split is left out here)."""
+    best_k, best = 0, math.inf
+    for k in range(k_max + 1):
+        s, n = order[:k], order[k:]
+        err = (_fit_error(wb[:, s], col_weight[s], offsets, 2)
+               + _fit_error(wb[:, n], col_weight[n], offsets, 1))
+        if err < best:
+            best_k, best = k, err
+    return best_k
+
+
+def _choose_split(x: torch.Tensor, offsets: bool, grid: int) -> torch.Tensor:
+    """Sparse mask ``|x| > p`` of the non-salient weights ``x [out, m]`` minimizing the error of
+    binarizing the two groups separately (``p`` over quantiles 0.1..0.9 of ``|x|``)."""
+    ax = x.abs()
+    levels = torch.linspace(0.1, 0.9, grid, dtype=x.dtype)
+    cands = torch.quantile(ax.flatten(), levels)
+    best_mask, best = torch.zeros_like(x, dtype=torch.bool), math.inf
+    for p in cands:
+        sparse = ax > p
+        err = 0.0
+        for m in (sparse, ~sparse):
+            b = _binarize(x, *_masked_fit(x, m, offsets))
+            err += float((((x - b) ** 2) * m).sum())
+        if err < best:
+            best_mask, best = sparse, err
+    return best_mask
+
+
+def _block_params(wb, u_diag, *, salient_fraction, max_salient_fraction, split, offsets, split_grid):
+    """Masks and per-row parameters of one block ``wb [out, nb]`` (see the module docstring)."""
+    out, nb = wb.shape
+    order = torch.argsort(column_salience(wb, u_diag), descending=True, stable=True)
+    if salient_fraction is None:
+        k_max = min(nb // 2, int(max_salient_fraction * nb))
+        k = _choose_k(wb, order, 1.0 / u_diag ** 2, k_max, offsets)
+    else:
+        k = min(nb // 2, int(round(salient_fraction * nb)))
+    sal = torch.zeros(nb, dtype=torch.bool)
+    sal[order[:k]] = True
+    scale = torch.zeros(4, out, dtype=wb.dtype)
+    offset = torch.zeros(4, out, dtype=wb.dtype)
+    if k:
+        xs = wb[:, sal]
+        full = torch.ones_like(xs, dtype=torch.bool)
+        scale[0], offset[0] = _masked_fit(xs, full, offsets)
+        r = xs - _binarize(xs, scale[0], offset[0])
+        scale[1], offset[1] = _masked_fit(r, full, offsets)
+    xn = wb[:, ~sal]
+    sparse_n = _choose_split(xn, offsets, split_grid) if split else torch.zeros_like(xn, dtype=torch.bool)
+    scale[2], offset[2] = _masked_fit(xn, ~sparse_n, offsets)
+    scale[3], offset[3] = _masked_fit(xn, sparse_n, offsets)
+    sparse = torch.zeros(out, nb, dtype=torch.bool)
+    sparse[:, ~sal] = sparse_n
+    return sal, sparse, scale, offset
+
+
+def _binarize_column(w, salient, sparse_col, scale, offset):
+    """``(q, first code, residual code or None)`` of one column with its block's fixed parameters."""
+    if salient:
+        c1 = _sign(w - offset[0])
+        b1 = offset[0] + scale[0] * c1
+        c2 = _sign(w - b1 - offset[1])
+        return b1 + (offset[1] + scale[1] * c2), c1, c2
+    a = torch.where(sparse_col, scale[3], scale[2])
+    mu = torch.where(sparse_col, offset[3], offset[2])
+    c = _sign(w - mu)
+    return mu + a * c, c, None
+
+
+# -- public core -------------------------------------------------------------------------------
+def billm_bits(salient: torch.Tensor, out: int, block_size: int, split: bool,
+               mean_offsets: bool) -> tuple[float, float]:
+    """``(bits_per_weight, paper_bits_per_weight)`` by the accounting in the module docstring."""
+    n_in = salient.numel()
+    n_s = int(salient.sum())
+    n = out * n_in
+    sign_bits = n + out * n_s
+    split_bits = out * (n_in - n_s) if split else 0
+    per_block = [(2 if bool(salient[i:i + block_size].any()) else 0) + (2 if split else 1)
+                 for i in range(0, n_in, block_size)]
+    qparam_bits = SCALE_BITS * out * sum(per_block) * (2 if mean_offsets else 1)
+    return (sign_bits + split_bits + n_in + qparam_bits) / n, sign_bits / n
+
+
+def billm_dequantize(bw: BinarizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight a `BinarizedWeight` stands for: per column ``j`` in block ``b = j // block_size``,
+    salient ``mu0 + a0 c + mu1 + a1 r``, sparse ``mu3 + a3 c``, concentrated ``mu2 + a2 c``."""
+    out, n_in = bw.codes.shape
+    blk = torch.arange(n_in) // bw.block_size
+    a, mu = bw.scale[:, :, blk], bw.offset[:, :, blk]
+    c = bw.codes.to(a.dtype)
+    r = torch.zeros_like(c)
+    r[:, bw.salient] = bw.residual_codes.to(a.dtype)
+    salient_q = (mu[0] + a[0] * c) + (mu[1] + a[1] * r)
+    other_q = torch.where(bw.sparse, mu[3] + a[3] * c, mu[2] + a[2] * c)
+    q = torch.where(bw.salient.unsqueeze(0), salient_q, other_q)
+    return q.to(dtype or getattr(torch, bw.dtype))
+
+
+def billm_quantize(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 128,
+                   salient_fraction: float | None = None, max_salient_fraction: float = 0.2,
+                   split: bool = True, mean_offsets: bool = True, split_grid: int = 40,
+                   damp: float = 0.01) -> BinarizedWeight:
+    """Binarize ``w [out, in]`` with BiLLM against ``hessian [in, in]`` (see the module docstring).
+    Pure: ``w`` and ``hessian`` are not modified. Raises ValueError for a bad Hessian."""
+    w_c, u = inverse_hessian_cholesky(w, hessian, damp)
+    out, n_in = w_c.shape
+    dt = w_c.dtype
+    nblocks = -(-n_in // block_size)
+    codes = torch.empty(out, n_in, dtype=dt)
+    residual = torch.zeros(out, n_in, dtype=dt)
+    salient = torch.zeros(n_in, dtype=torch.bool)
+    sparse = torch.zeros(out, n_in, dtype=torch.bool)
+    scale = torch.zeros(4, out, nblocks, dtype=dt)
+    offset = torch.zeros(4, out, nblocks, dtype=dt)
+    for b, i1 in enumerate(range(0, n_in, block_size)):
+        i2 = min(i1 + block_size, n_in)
+        wb = w_c[:, i1:i2].clone()
+        ub = u[i1:i2, i1:i2]
+        sal, sp, sc, off = _block_params(wb, torch.diag(ub), salient_fraction=salient_fraction,
+                                         max_salient_fraction=max_salient_fraction, split=split,
+                                         offsets=mean_offsets, split_grid=split_grid)
+        salient[i1:i2], sparse[:, i1:i2], scale[:, :, b], offset[:, :, b] = sal, sp, sc, off
+        err = torch.zeros_like(wb)
+        for j in range(i2 - i1):
+            q, c1, c2 = _binarize_column(wb[:, j], bool(sal[j]), sp[:, j], sc, off)
+            codes[:, i1 + j] = c1
+            if c2 is not None:
+                residual[:, i1 + j] = c2
+            err[:, j] = (wb[:, j] - q) / ub[j, j]
+            wb[:, j:] -= err[:, j:j + 1] * ub[j:j + 1, j:]
+        w_c[:, i2:] -= err @ u[i1:i2, i2:]
+    bits, paper_bits = billm_bits(salient, out, block_size, split, mean_offsets)
+    return BinarizedWeight(
+        codes=codes.to(torch.int8), residual_codes=residual[:, salient].to(torch.int8), salient=salient,
+        sparse=sparse, scale=scale, offset=offset, block_size=block_size, split=split,
+        mean_offsets=mean_offsets, bits_per_weight=bits, paper_bits_per_weight=paper_bits,
+        dtype=str(w.dtype).removeprefix("torch."))
+
+
+# -- the transform -----------------------------------------------------------------------------
+def _check_fraction(name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 0.5:
+        raise ValueError(f"billm: {name}={value!r}; allowed: a number in [0, 0.5]"
+                         + (" or None (search)" if allow_none else ""))
+
+
+@register_transform("billm")
+def billm(block_size: int = 128, salient_fraction: float | None = None, max_salient_fraction: float = 0.2,
+          split: bool = True, mean_offsets: bool = True, split_grid: int = 40, damp: float = 0.01) -> QTransform:
+    """BiLLM binarization of every target with a ``format="binary"`` weight spec (Huang et al. 2024).
+
+    ``params["<name>.weight"]`` becomes `billm_dequantize` of the result (same shape and dtype) and
+    `BiLLMState.weights[name]` holds the `BinarizedWeight` (codes, masks, scales, bit counts).
+    ``salient_fraction=None`` searches the salient-column count per block up to
+    ``max_salient_fraction`` of its columns; a number fixes it. See the module docstring for the
+    math and the exact bit accounting.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"billm: block_size={block_size!r}; allowed: an int >= 1")
+    _check_fraction("salient_fraction", salient_fraction, True)
+    _check_fraction("max_salient_fraction", max_salient_fraction, False)
+    for name, value in (("split", split), ("mean_offsets", mean_offsets)):
+        if not isinstance(value, bool):
+            raise ValueError(f"billm: {name}={value!r}; allowed: True | False")
+    if isinstance(split_grid, bool) or not isinstance(split_grid, int) or split_grid < 1:
+        raise ValueError(f"billm: split_grid={split_grid!r}; allowed: an int >= 1")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"billm: damp={damp!r}; allowed: a number > 0")
+
+    def update(view: BlockView, state: BiLLMState):
+        results, updates = {}, {}
+        for name, spec in quantizable(view, "billm"):
+            if spec.format != "binary":
+                fail("billm", view, name, f"the weight spec has format={spec.format!r}, BiLLM binarizes",
+                     "set quant_specs(weight=QSpec(bits=1, format='binary')) for the layers billm() quantizes")
+            if view.specs[name].weight_qparams is not None:
+                fail("billm", view, name, "weight_qparams from a scale search are set, but BiLLM fits its own "
+                     "per-row, per-block scales", "drop the scale search before billm()")
+            stats = view.stats.get(name)
+            if stats is None or stats.hessian is None:
+                fail("billm", view, name, "no input Hessian in view.stats",
+                     "calibrate first (qnpu.transforms.block_stats / linear_stats)")
+            w = checked_weight(view, name, "billm")
+            try:
+                bw = billm_quantize(w, stats.hessian, block_size=block_size, salient_fraction=salient_fraction,
+                                    max_salient_fraction=max_salient_fraction, split=split,
+                                    mean_offsets=mean_offsets, split_grid=split_grid, damp=damp)
+            except ValueError as err:
+                fail("billm", view, name, str(err), "increase damp or recalibrate with more tokens")
+            results[name] = bw
+            updates[f"{name}.weight"] = billm_dequantize(bw, w.dtype)
+        return view.with_params(updates), BiLLMState({**state.weights, **results})
+
+    return QTransform(lambda view: BiLLMState({}), update)

@@ -1,0 +1,255 @@
+"""SliM-LLM (Huang et al. 2024, "SliM-LLM: Salience-Driven Mixed-Precision Quantization for LLMs").
+
+Group-wise mixed precision at an exact average bit width, on top of a GPTQ sweep (Frantar et al.
+2022). Per linear ``W [out, in]`` with input Hessian ``H [in, in]``, target ``bits = b`` and
+``G = in / group_size`` groups of consecutive input columns:
+
+1. OBS setup as in `qnpu.transforms.billm`: ``U`` = upper Cholesky factor of the damped ``H^-1``.
+2. Group salience (the papers' Hessian salience ``w^2 / [H^-1]_jj^2``, with ``[H^-1]`` the
+   Cholesky factor as in their reference code; see the BiLLM module):
+   ``S_g = sum_{j in g} sum_i W_ij^2 / U_jj^2``, from the original weights.
+3. Salience-driven bit allocation (SBA): sort groups by ``S_g`` (descending, stable); ``k`` pairs
+   means the ``k`` most salient groups get ``b + 1`` bits and the ``k`` least salient get
+   ``b - 1``, every other group ``b``. The mean over groups is ``b`` exactly for every ``k``
+   (all groups have ``group_size`` columns, so it is also the mean bits per weight). The paper's
+   double-pointer search moves a pointer in from each end of the sorted list in step; we evaluate
+   every ``k in 0..min(G // 2, max_pairs)`` and keep the one with the smallest calibration
+   objective ``tr((W - Q) H (W - Q)^T)`` of the *final* GPTQ result (deviation: the paper scores
+   candidates by the output error of plain group quantization; we run the full sweep per
+   candidate, which costs ``G // 2 + 1`` sweeps). ``k = 0`` (uniform ``b`` bits) is a candidate,
+   so the result is never worse than uniform ``b``-bit GPTQ on that objective.
+4. Quantization: a GPTQ sweep over columns with lazy updates per group: at the start of group
+   ``g`` its per-row ``(scale, zero_point)`` are fitted to the current (error-compensated) weights
+   with the target spec at ``bits_g`` bits (``spec.replace(bits=bits_g)``: format, symmetry,
+   ``full_range`` and ``clip_ratio`` come from the spec), then each column is rounded to that grid
+   and its error ``(w_j - q_j) / U_jj`` is fed forward, ``W[:, j:] -= err_j U[j, j:]``.
+5. Salience-weighted quantizer calibration (SQC), simplified: with ``sqc_grid = n > 1``, each
+   group's per-row clip ratio ``c`` is searched over ``linspace(1, 0.5, n)`` (times the spec's
+   ``clip_ratio``) minimizing ``sum_j H_jj (w_ij - q_ij)^2`` on the group's current weights, i.e.
+   the diagonal-Hessian-weighted rounding error. The paper instead searches the quantizer scale
+   with the salient elements' errors up-weighted; ``sqc_grid = 1`` turns the search off.
+
+Specs: the weight spec must be ``int``/``uint`` with ``spec.bits == bits`` and per-channel or
+per-group granularity with ``group_size`` equal to this transform's (the allocation, not the
+spec, decides the bit width of each group). Symmetric specs need ``bits >= 3`` (a symmetric grid
+has no 1-bit form). ``weight_qparams`` from a scale search are fitted at one bit width and are
+rejected.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from qnpu.qcore import QSpec, QTensor, choose_qparams
+
+from .base import QTransform, register_state, register_transform
+from .billm import column_salience, hessian_error, inverse_hessian_cholesky
+from .rounding import checked_weight, quantizable
+from .view import BlockView, fail
+
+
+@register_state
+class SlimWeight(NamedTuple):
+    """One linear quantized by SliM-LLM (``G = in / group_size`` groups).
+
+    group_bits:     int32 [G]: bit width of each group (mean exactly ``bits``).
+    qweights:       tuple of G `QTensor` over ``W[:, g*gs:(g+1)*gs]``, per-channel (``[out, 1]``)
+                    scale / zero point, spec ``spec.replace(bits=group_bits[g])``.
+    group_salience: [G] ``S_g``; pairs: the ``k`` chosen; mean_bits: mean of ``group_bits``.
+    objective:      [min(G // 2, max_pairs) + 1] float64 ``tr((W - Q_k) H (W - Q_k)^T)`` per ``k``.
+    """
+
+    group_bits: torch.Tensor
+    qweights: tuple
+    group_salience: torch.Tensor
+    pairs: int
+    mean_bits: float
+    group_size: int
+    objective: torch.Tensor
+
+
+@register_state
+class SlimLLMState(NamedTuple):
+    """`SlimWeight` by linear name (relative to the block)."""
+
+    weights: dict
+
+
+def allocate_bits(salience: torch.Tensor, bits: int, pairs: int) -> torch.Tensor:
+    """SBA: the ``pairs`` most salient groups get ``bits + 1``, the ``pairs`` least salient ``bits - 1``."""
+    n = salience.numel()
+    if not 0 <= pairs <= n // 2:
+        raise ValueError(f"pairs={pairs} must lie in 0..{n // 2} for {n} groups")
+    order = torch.argsort(salience, descending=True, stable=True)
+    out = torch.full((n,), bits, dtype=torch.int32)
+    out[order[:pairs]] = bits + 1
+    out[order[n - pairs:]] = bits - 1
+    return out
+
+
+def _group_spec(spec: QSpec, bits: int) -> QSpec:
+    return spec.replace(bits=bits, granularity="channel", axis=0, group_size=None)
+
+
+def _fit_group(x: torch.Tensor, spec: QSpec, h_diag: torch.Tensor, ratios: torch.Tensor):
+    """Per-row ``(scale [out, 1], zero_point [out, 1] | None)`` of group ``x [out, g]``, the clip ratio
+    per row chosen among ``ratios`` by diagonal-Hessian-weighted rounding error."""
+    best = None
+    for r in ratios.tolist():
+        s = spec.replace(clip_ratio=spec.clip_ratio * r)
+        scale, zp = choose_qparams(x, s)
+        err = ((x - _round_to(x, scale, zp, s)) ** 2 * h_diag).sum(1, keepdim=True)
+        if best is None:
+            best = [err, scale, zp]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        if zp is not None:
+            best[2] = torch.where(better, zp, best[2])
+    return best[1], best[2]
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, spec: QSpec) -> torch.Tensor:
+    v = torch.round(x / scale)
+    if zp is not None:
+        v = v + zp
+    return torch.clamp(v, spec.qmin, spec.qmax)
+
+
+def _round_to(x, scale, zp, spec):
+    c = _codes(x, scale, zp, spec)
+    return (c - zp if zp is not None else c) * scale
+
+
+def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSpec, group_bits: torch.Tensor,
+               group_size: int, sqc_grid: int = 1, dtype: torch.dtype | None = None) -> tuple[QTensor, ...]:
+    """GPTQ sweep of ``w [out, in]`` (compute precision, dead columns zeroed) with the upper Cholesky
+    factor ``u`` of the damped inverse Hessian, group ``g`` rounded at ``group_bits[g]`` bits.
+    Returns one per-channel `QTensor` per group (codes of the error-compensated weights)."""
+    w = w.clone()
+    ratios = torch.linspace(1.0, 0.5, sqc_grid) if sqc_grid > 1 else torch.ones(1)
+    groups = []
+    for g, i1 in enumerate(range(0, w.shape[1], group_size)):
+        i2 = i1 + group_size
+        gspec = _group_spec(spec, int(group_bits[g]))
+        wb = w[:, i1:i2].clone()
+        ub = u[i1:i2, i1:i2]
+        scale, zp = _fit_group(wb, gspec, h_diag[i1:i2], ratios)
+        codes = torch.empty_like(wb)
+        err = torch.zeros_like(wb)
+        for j in range(group_size):
+            col = wb[:, j:j + 1]
+            codes[:, j:j + 1] = _codes(col, scale, zp, gspec)
+            q = (codes[:, j:j + 1] - zp if zp is not None else codes[:, j:j + 1]) * scale
+            err[:, j:j + 1] = (col - q) / ub[j, j]
+            wb[:, j:] -= err[:, j:j + 1] * ub[j:j + 1, j:]
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+        code_dtype = torch.uint8 if gspec.format == "uint" else torch.int8
+        groups.append(QTensor(codes.to(code_dtype), scale, None if zp is None else zp.to(torch.int32), gspec,
+                              dtype or w.dtype))
+    return tuple(groups)
+
+
+def dequantize_groups(qweights: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full ``[out, in]`` weight of a tuple of per-group QTensors."""
+    return torch.cat([q.dequantize(dtype) for q in qweights], dim=1)
+
+
+def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bits: int, group_size: int,
+                      damp: float = 0.01, sqc_grid: int = 10, max_pairs: int | None = None) -> SlimWeight:
+    """SliM-LLM on one weight (see the module docstring). Pure; ValueError for a bad Hessian or a
+    ``group_size`` that does not divide ``in_features``."""
+    out, n_in = w.shape
+    if n_in % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
+    w_c, u = inverse_hessian_cholesky(w, hessian, damp)
+    h = hessian.to(w_c.dtype)
+    n_groups = n_in // group_size
+    salience = column_salience(w_c, torch.diag(u)).reshape(n_groups, group_size).sum(1)
+    k_max = n_groups // 2 if max_pairs is None else min(n_groups // 2, max_pairs)
+    objective = torch.empty(k_max + 1, dtype=torch.float64)
+    best = None
+    for k in range(k_max + 1):
+        alloc = allocate_bits(salience, bits, k)
+        groups = mixed_gptq(w_c, u, torch.diag(h), spec, alloc, group_size, sqc_grid, dtype=w.dtype)
+        objective[k] = hessian_error(w_c, dequantize_groups(groups, w_c.dtype), h)
+        if best is None or objective[k] < objective[best[0]]:
+            best = (k, alloc, groups)
+    k, alloc, groups = best
+    return SlimWeight(group_bits=alloc, qweights=groups, group_salience=salience, pairs=k,
+                      mean_bits=float(alloc.double().mean()), group_size=group_size, objective=objective)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"slim_llm: {name}={value!r}; allowed: {allowed}")
+
+
+def _check_spec(view: BlockView, name: str, spec: QSpec, bits: int, group_size: int) -> None:
+    def bad(problem: str, fix: str) -> None:
+        fail("slim_llm", view, name, problem, fix)
+
+    want = (f"quant_specs(weight=QSpec(bits={bits}, symmetric=False, format='uint', granularity='group', "
+            f"group_size={group_size}, axis=-1))")
+    if spec.format == "binary":
+        bad("the weight spec is binary", f"use an int/uint spec, e.g. {want}")
+    if spec.bits != bits:
+        bad(f"the weight spec has bits={spec.bits} but slim_llm(bits={bits}) allocates around {bits}",
+            f"make them agree, e.g. {want}")
+    if spec.granularity not in ("channel", "group") or (spec.granularity == "group" and spec.group_size != group_size):
+        bad(f"slim_llm quantizes per row within groups of {group_size} columns, the spec says "
+            f"granularity={spec.granularity!r}, group_size={spec.group_size}", f"use {want}")
+    if spec.symmetric and bits - 1 < 2:
+        bad(f"a symmetric grid cannot have {bits - 1} bit(s), which the allocation gives the least salient groups",
+            f"use symmetric=False, e.g. {want}, or bits >= 3")
+    if view.specs[name].weight_qparams is not None:
+        bad("weight_qparams from a scale search are set, but each group's bit width is chosen here",
+            "drop the scale search before slim_llm()")
+    n_in = view.weight(name).shape[1]
+    if n_in % group_size:
+        divisors = [d for d in range(1, n_in + 1) if n_in % d == 0]
+        bad(f"group_size={group_size} does not divide in_features={n_in}",
+            f"pick a group size from {divisors}, or route this layer elsewhere with masked()/partition()")
+
+
+@register_transform("slim_llm")
+def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid: int = 10,
+             max_pairs: int | None = None) -> QTransform:
+    """SliM-LLM mixed-precision GPTQ of every target with a weight spec (Huang et al. 2024).
+
+    Groups of ``group_size`` input columns get ``bits - 1``, ``bits`` or ``bits + 1`` bits with
+    mean exactly ``bits``; ``max_pairs`` caps the promoted/demoted pairs searched (None: all).
+    ``params["<name>.weight"]`` becomes the dequantized result (same shape and dtype);
+    `SlimLLMState.weights[name]` holds the `SlimWeight`. See the module docstring.
+    """
+    _check_int("bits", bits, 2, 7)
+    _check_int("group_size", group_size, 1)
+    _check_int("sqc_grid", sqc_grid, 1)
+    if max_pairs is not None:
+        _check_int("max_pairs", max_pairs, 0)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0 or not math.isfinite(damp):
+        raise ValueError(f"slim_llm: damp={damp!r}; allowed: a finite number > 0")
+
+    def update(view: BlockView, state: SlimLLMState):
+        results, updates = {}, {}
+        for name, spec in quantizable(view, "slim_llm"):
+            _check_spec(view, name, spec, bits, group_size)
+            stats = view.stats.get(name)
+            if stats is None or stats.hessian is None:
+                fail("slim_llm", view, name, "no input Hessian in view.stats",
+                     "calibrate first (qnpu.transforms.block_stats / linear_stats)")
+            w = checked_weight(view, name, "slim_llm")
+            try:
+                sw = slim_llm_quantize(w, stats.hessian, spec, bits=bits, group_size=group_size, damp=damp,
+                                       sqc_grid=sqc_grid, max_pairs=max_pairs)
+            except ValueError as err:
+                fail("slim_llm", view, name, str(err), "increase damp or recalibrate with more tokens")
+            results[name] = sw
+            updates[f"{name}.weight"] = dequantize_groups(sw.qweights, w.dtype)
+        return view.with_params(updates), SlimLLMState({**state.weights, **results})
+
+    return QTransform(lambda view: SlimLLMState({}), update)

@@ -26,8 +26,10 @@ from .billm import BiLLMState, billm
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .rounding import WeightsState, rtn
+from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
 from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
 from .slim_llm import SlimLLMState, slim_llm
+from .smoothing import SmoothState, smoothquant
 from .stats import block_stats, linear_stats
 from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformError, make_view
 
@@ -37,7 +39,8 @@ __all__ = [
     "chain", "masked", "partition", "quant_specs", "rtn",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
-    "billm", "BiLLMState", "slim_llm", "SlimLLMState",
+    "billm", "BiLLMState", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",
+    "hadamard_rotation", "RotationState", "rotate_edges", "rotation_matrix",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
     "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",
 ]

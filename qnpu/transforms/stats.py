@@ -27,15 +27,16 @@ def linear_stats(x: torch.Tensor, *, fp_x: torch.Tensor | None = None, max_token
 
 def block_stats(params: Mapping[str, torch.Tensor], structure: BlockStructure, x: torch.Tensor, *,
                 fp_params: Mapping[str, torch.Tensor] | None = None, fp_x: torch.Tensor | None = None,
-                max_tokens: int = 512) -> dict[str, LinearStats]:
-    """Stats of every linear's input when the block runs on ``x``; with ``fp_params``/``fp_x``
-    also the float path's inputs for GPTAQ."""
+                online_hadamard: tuple[str, ...] = (), max_tokens: int = 512) -> dict[str, LinearStats]:
+    """Stats of every linear's input when the block runs on ``x`` (inputs as fed to the weights,
+    i.e. after any online Hadamard); with ``fp_params``/``fp_x`` also the float path's inputs for GPTAQ."""
     seen: dict = {}
     with torch.no_grad():
-        block_forward(params, structure, x, capture=seen)
+        block_forward(params, structure, x, capture=seen, online_hadamard=online_hadamard)
         fp_seen: dict | None = None
         if fp_params is not None or fp_x is not None:
             fp_seen = {}
-            block_forward(fp_params or params, structure, x if fp_x is None else fp_x, capture=fp_seen)
+            block_forward(fp_params or params, structure, x if fp_x is None else fp_x, capture=fp_seen,
+                          online_hadamard=online_hadamard)
     return {name: linear_stats(seen[name], fp_x=None if fp_seen is None else fp_seen[name],
                                max_tokens=max_tokens) for name in structure.linears}

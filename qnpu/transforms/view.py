@@ -122,6 +122,8 @@ class BlockView(NamedTuple):
     targets: the linears this step acts on (narrowed by `masked` / `partition`).
     inputs:  a sample of the block's input hidden states ``[b, t, hidden]`` or None, for searches
              that score the whole block's output.
+    online_hadamard: linears whose input the runtime multiplies by a normalized Hadamard matrix
+             (set by `hadamard_rotation`); every later `block_forward` must pass it on.
     """
 
     params: Mapping[str, torch.Tensor]
@@ -131,6 +133,7 @@ class BlockView(NamedTuple):
     targets: tuple[str, ...]
     prefix: str = ""
     inputs: torch.Tensor | None = None
+    online_hadamard: tuple[str, ...] = ()
 
     def label(self, name: str) -> str:
         return self.prefix + name

@@ -16,11 +16,13 @@ from qnpu.transforms import (
     awq,
     billm,
     chain,
+    hadamard_rotation,
     mse_scale_search,
     percentile_scales,
     quant_specs,
     rtn,
     slim_llm,
+    smoothquant,
     state_from_dict,
     state_to_dict,
 )
@@ -40,6 +42,12 @@ def _rows():
         ("percentile", lambda w: chain(quant_specs(weight=w), percentile_scales(), rtn()), W4, False),
         # AWQ rescales weights and stats, so the weight-space Hessian error is not its objective
         ("awq", lambda w: chain(quant_specs(weight=w), awq(), rtn()), W3G, False),
+        ("smoothquant", lambda w: chain(quant_specs(weight=w, activation=A8), smoothquant(0.8), rtn()), W4, False),
+        ("smoothquant-search", lambda w: chain(quant_specs(weight=w, activation=A8), smoothquant(search=True, pairs="all"),
+                                               rtn()), W4, False),
+        ("hadamard-rotation", lambda w: chain(quant_specs(weight=w), hadamard_rotation(seed=3), rtn()), W4, False),
+        ("rotation-offline", lambda w: chain(quant_specs(weight=w), hadamard_rotation(kind="orthogonal", online=False),
+                                             rtn()), W4, False),
         ("billm", lambda w: chain(quant_specs(weight=w), billm()), QSpec(bits=1, format="binary"), True),
         ("slim_llm", lambda w: chain(quant_specs(weight=w), slim_llm(bits=3, group_size=32)), W3G, True),
     ]
@@ -51,7 +59,8 @@ ROWS = _rows()
 
 def _snapshot(view):
     return ({k: v.clone() for k, v in view.params.items()},
-            {n: [None if t is None else t.clone() for t in s] for n, s in view.stats.items()})
+            {n: [None if t is None else t.clone() for t in s] for n, s in view.stats.items()},
+            None if view.inputs is None else view.inputs.clone())
 
 
 def _same(a, b) -> bool:

@@ -1,0 +1,360 @@
+"""GPTQ weight rounding (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers").
+
+For a linear with weight ``W [out, in]`` and calibration inputs ``X [n, in]``, GPTQ rounds ``W``
+to the grid of its spec while minimizing the layer-output error ``||W X^T - Q X^T||_F^2``, i.e.
+``tr((W - Q) H (W - Q)^T)`` with the proxy Hessian ``H = X^T X / n`` ([in, in]). Rows are
+independent; all share ``H``. Columns are quantized one at a time (Optimal Brain Quantization);
+after column ``j`` is fixed at ``q_j`` the still-free columns ``F`` absorb its error optimally:
+
+    ``W[:, F] -= (w_j - q_j) / [H_{F'}^{-1}]_jj * [H_{F'}^{-1}]_{j, F}``,  ``F' = {j} + F``.
+
+With the upper Cholesky factor ``U`` of ``H^{-1}`` (``H^{-1} = U^T U``) row ``j`` of ``U`` divided
+by ``U_jj`` is exactly that row of the shrinking inverse, so one factorization serves every step:
+``err_j = (w_j - q_j) / U_jj`` and ``W[:, F] -= err_j U_{j, F}`` (Algorithm 1 of the paper). The
+updates of columns past the current block of ``block_size`` columns are applied lazily as one
+matrix product per block, which gives the same result as the column-by-column recursion.
+
+Details: columns with ``H_jj == 0`` saw no input ("dead"): their weight is zeroed and
+``H_jj := 1``; ``lambda = damp * mean(diag H)`` is added to the diagonal, and if a Cholesky
+factorization still fails the dampening is multiplied by 10 (a warning names the layer) up to
+`MAX_DAMP_RETRIES` times. ``act_order`` sweeps columns by descending ``H_jj`` and restores the
+order at the end. Qparams: per-channel / per-tensor from the whole weight before the sweep;
+per-group either when the sweep first reaches a column of the group, from the group's current
+(already error-updated) weights (the paper's choice, generalized to act_order), or with
+``static_groups`` from the weight before the sweep; a ``qparams`` argument (a scale search's
+result) fixes the grid instead. The sum of ``err_j^2`` equals ``tr((W - Q) (H + lambda I) (W - Q)^T)``
+(returned as ``info["obs_loss"]``), the identity the tests check.
+
+`sweep` also carries the asymmetric-calibration term of GPTAQ (see `qnpu.transforms.gptaq`).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize
+
+from .base import QTransform, register_transform
+from .rounding import WeightsState, checked_weight, quantizable, store
+from .view import BlockView, TransformError, fail
+
+MAX_DAMP_RETRIES = 5
+
+
+def _error(method: str, label: str, problem: str, fix: str) -> TransformError:
+    return TransformError(f"{method}: layer {label}: {problem}. Fix: {fix}")
+
+
+def check_options(method: str, block_size, damp, act_order, static_groups) -> None:
+    """ValueError naming the bad factory / core argument."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"{method}: block_size={block_size!r}; allowed: an int > 0 (128 is the paper's)")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
+        raise ValueError(f"{method}: damp={damp!r}; allowed: a finite number > 0 (fraction of mean(diag H))")
+    for name, value in (("act_order", act_order), ("static_groups", static_groups)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{method}: {name}={value!r}; allowed: True | False")
+
+
+def _check_spec(method: str, label: str, spec: QSpec, shape: tuple[int, int]) -> None:
+    if not isinstance(spec, QSpec):
+        raise _error(method, label, f"spec is {type(spec).__name__}, not a QSpec", "pass a QSpec")
+    if spec.format == "binary":
+        raise _error(method, label, "format='binary' has no uniform grid for column-wise rounding",
+                     "use billm() for 1-bit weights")
+    if spec.granularity == "token" or spec.dynamic:
+        raise _error(method, label, "weights need a static spec", "use a per-tensor, per-channel or per-group spec")
+    if spec.granularity == "channel" and spec.axis not in (0, -2):
+        raise _error(method, label, f"per-channel axis={spec.axis} would share a scale across output rows",
+                     "use axis=0 (one scale per output channel)")
+    if spec.granularity == "group":
+        if spec.axis not in (-1, 1):
+            raise _error(method, label, f"per-group axis={spec.axis} does not group input columns", "use axis=-1")
+        if shape[1] % spec.group_size:
+            raise _error(method, label, f"group_size={spec.group_size} does not divide in_features={shape[1]}",
+                         "pick a divisor of in_features")
+
+
+def _given_qparams(method, label, spec, shape, qparams, cdtype):
+    want = qparams_shape(shape, spec)
+    scale, zero_point = qparams
+    try:
+        scale = torch.as_tensor(scale).to(cdtype).expand(want).clone()
+        if zero_point is not None:
+            zero_point = torch.as_tensor(zero_point).to(torch.int32).expand(want).clone()
+    except RuntimeError:
+        raise _error(method, label, f"qparams do not broadcast to the natural shape {want}",
+                     "pass (scale, zero_point) in the weight spec's qparams shape") from None
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise _error(method, label, "qparams scale is not finite and > 0 everywhere", "fix the scale search")
+    if zero_point is None and not spec.symmetric:
+        raise _error(method, label, "an asymmetric spec needs a zero point in qparams", "pass (scale, zero_point)")
+    if zero_point is None and spec.format == "uint":
+        zero_point = torch.full(want, spec.symmetric_zero, dtype=torch.int32)
+    return scale, zero_point
+
+
+def _finite(x: torch.Tensor) -> bool:
+    # a NaN/Inf anywhere makes the sum non-finite; only then (or on overflow) look element-wise
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _permuted(m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``m[order][:, order]`` as a fresh tensor (row then column gathers beat 2-d fancy indexing)."""
+    return m.index_select(0, order).index_select(1, order)
+
+
+def _inverse_cholesky_reversed(hr: torch.Tensor) -> torch.Tensor | None:
+    """Upper ``U`` with ``U^T U = h^{-1}`` from ``hr = J h J`` (``J`` the exchange matrix, i.e. ``h``
+    with rows and columns in reverse order), or None if ``hr`` is not numerically positive definite.
+
+    ``hr = L L^T`` gives ``h = R R^T`` with ``R = J L J`` upper, so ``h^{-1} = R^{-T} R^{-1}`` and
+    ``U = R^{-1} = J L^{-1} J``: one factorization and one triangular inverse, no explicit ``h^{-1}``.
+    """
+    lower, info = torch.linalg.cholesky_ex(hr)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(hr.shape[0], dtype=hr.dtype)
+    u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    # a NaN/Inf anywhere makes the sum non-finite: one cheap pass instead of an elementwise check
+    if not bool(torch.isfinite(u.sum())) or not bool((torch.diagonal(u) > 0).all()):
+        return None
+    return u
+
+
+def _damped_factor(method: str, label: str, h: torch.Tensor, perm: torch.Tensor, damp: float):
+    """``(U, damp used, lambda)`` for ``h[perm][:, perm] + lambda I``, escalating the dampening
+    (x10, a warning naming the layer each time) until the factorization succeeds."""
+    mean_diag = float(torch.diagonal(h).mean())
+    rev = perm.flip(0)
+    hr = _permuted(h, rev)
+    added = 0.0
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        lam = damp * mean_diag
+        hr.diagonal().add_(lam - added)
+        added = lam
+        u = _inverse_cholesky_reversed(hr)
+        if u is not None:
+            return u, damp, lam
+        if attempt < MAX_DAMP_RETRIES:
+            warnings.warn(f"{method}: layer {label}: the Hessian is not positive definite at damp={damp:g}; "
+                          f"retrying with damp={damp * 10:g}", RuntimeWarning, stacklevel=4)
+            damp *= 10
+    raise _error(method, label, f"the Hessian is not positive definite even with damp={damp:g}",
+                 "recollect calibration statistics (more tokens, finite activations) or pass a larger damp")
+
+
+class _Grid:
+    """Qparams as one row per group ([rows, out]; one row for per-channel / per-tensor specs) and the
+    per-column rounding of the sweep.
+
+    Rounding clamps ``v = w / s`` to ``[qmin - z, qmax - z]`` first and then rounds half-to-even
+    with the float add/subtract of ``1.5 * 2^(mantissa bits)``, which is exact for these small
+    magnitudes; both steps commute with qcore's ``clamp(round(v) + z)`` for integer bounds, so the
+    sweep's ``q`` equals ``dequantize(quantize(w))`` bit for bit, without the slow scalar ``round``.
+    """
+
+    def __init__(self, spec: QSpec, rows: int, out: int, dtype: torch.dtype):
+        self.spec, self.out, self.dtype = spec, out, dtype
+        self.scale = torch.ones(rows, out, dtype=dtype)
+        self.zero = None
+        self.lo = torch.full((rows, out), float(spec.qmin), dtype=dtype)
+        self.hi = torch.full((rows, out), float(spec.qmax), dtype=dtype)
+        self.ready = [False] * rows
+        self.magic = 1.5 * 2.0 ** (52 if dtype == torch.float64 else 23)
+
+    def set(self, row, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Fill ``row`` (an index or a slice) from natural-shape qparams of that row's weights."""
+        self.scale[row] = _as_rows(scale, self.out)
+        if zero_point is not None:
+            if self.zero is None:
+                self.zero = torch.zeros_like(self.scale)
+            z = _as_rows(zero_point, self.out).to(self.dtype)
+            self.zero[row] = z
+            self.lo[row] = self.spec.qmin - z
+            self.hi[row] = self.spec.qmax - z
+        rows = range(len(self.ready))[row] if isinstance(row, slice) else [row]
+        for r in rows:
+            self.ready[r] = True
+
+    def dequantized(self, w: torch.Tensor, row: int) -> torch.Tensor:
+        s = self.scale[row]
+        v = torch.div(w, s)
+        v = torch.maximum(v, self.lo[row], out=v)
+        v = torch.minimum(v, self.hi[row], out=v)
+        return v.add_(self.magic).sub_(self.magic).mul_(s)
+
+    def natural(self, granularity: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        zero = None if self.zero is None else self.zero.T.to(torch.int32).contiguous()
+        if granularity == "tensor":
+            return self.scale[0, 0].clone(), None if zero is None else zero[0, 0].clone()
+        return self.scale.T.contiguous(), zero
+
+
+def _as_rows(p: torch.Tensor, out: int) -> torch.Tensor:
+    """Natural-shape qparams ([out, groups], [out, 1] or ()) -> [groups, out] rows."""
+    return p.reshape(1, 1).expand(1, out) if p.dim() == 0 else p.T
+
+
+def _columns(wt: torch.Tensor, u: torch.Tensor, p: torch.Tensor | None, grid: _Grid, row_of: list[int],
+             members: list[torch.Tensor] | None, spec: QSpec, block_size: int) -> float:
+    """Sweep the rows of ``wt`` ([in, out], sweep order) in place; returns ``sum err_j^2``.
+
+    Afterwards row ``j`` holds column ``j``'s value when it was quantized. Within a block each
+    column first gathers the pending updates of the block's earlier columns (one matrix-vector
+    product, "left-looking"); after the block one GEMM updates every later column (the paper's
+    lazy batch). Per-column work stays single-threaded and small: threaded small GEMMs (a
+    right-looking rank-k update every few columns) were 3-4x slower on a busy 2-core machine.
+    """
+    n, out = wt.shape
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        err = torch.empty(i2 - i1, out, dtype=wt.dtype)
+        for j in range(i1, i2):
+            g = row_of[j]
+            if not grid.ready[g]:
+                s, z = choose_qparams(_current(wt, u, p, err, members[g], i1, j).T, spec)
+                grid.set(g, s, z)
+            w = wt[j]
+            if j > i1:
+                w.addmv_(err[:j - i1].T, u[i1:j, j], alpha=-1.0)
+                if p is not None:
+                    w.addmv_(wt[i1:j].T, p[i1:j, j])
+            e = err[j - i1]
+            torch.sub(w, grid.dequantized(w, g), out=e).div_(u[j, j])
+            loss += torch.dot(e, e)  # per column: a whole-block reduction would run threaded
+        if i2 < n:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+            if p is not None:
+                wt[i2:].addmm_(p[i1:i2, i2:].T, wt[i1:i2])
+    return float(loss)
+
+
+def _current(wt, u, p, err, pos, i1, j) -> torch.Tensor:
+    """Current values of rows ``pos`` (all ``>= j``) of ``wt``: they still lack the updates of the
+    block's columns ``i1..j-1``, applied here."""
+    cur = wt[pos]
+    if j > i1:
+        cur -= u[i1:j, pos].T @ err[:j - i1]
+        if p is not None:
+            cur += p[i1:j, pos].T @ wt[i1:j]
+    return cur
+
+
+def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: int = 128, damp: float = 0.01,
+          act_order: bool = False, static_groups: bool = False, qparams: tuple | None = None,
+          label: str = "layer", fp_cross: torch.Tensor | None = None, alpha: float = 0.25,
+          method: str = "gptq") -> tuple[QTensor, dict]:
+    """The column sweep shared by GPTQ and GPTAQ; see `gptq_quantize` and `gptaq_quantize`.
+
+    ``fp_cross`` (``dXXT = (X_fp - X)^T X / n``, [in, in]) switches on GPTAQ's asymmetry term
+    ``P = alpha * triu(dXXT U^T, 1) U``, i.e. ``P_{j,F} = alpha * dXXT_{j,F} (H_FF)^{-1}``: quantizing
+    column ``j`` also adds ``w_j P_{j,F}`` to the free columns ``F``, ``w_j`` its value when quantized.
+    """
+    check_options(method, block_size, damp, act_order, static_groups)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise _error(method, label, "the weight must be a floating [out, in] tensor", "pass the linear's weight")
+    out, n = w.shape
+    _check_spec(method, label, spec, (out, n))
+    if not _finite(w):
+        raise _error(method, label, "the weight has NaN/Inf values", "inspect the checkpoint")
+    for name, mat in (("hessian", hessian), ("fp_cross", fp_cross)):
+        if mat is None:
+            continue
+        if not isinstance(mat, torch.Tensor) or tuple(mat.shape) != (n, n):
+            got = tuple(mat.shape) if isinstance(mat, torch.Tensor) else type(mat).__name__
+            raise _error(method, label, f"{name} has shape {got}; the weight needs ({n}, {n})",
+                         "collect the stats of this linear's input")
+        if not _finite(mat):
+            raise _error(method, label, f"{name} has NaN/Inf values (broken calibration data)",
+                         "recollect calibration statistics; check the inputs for NaN/Inf or fp16 overflow")
+    cdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    h = hessian.detach().to(cdtype)
+    dead = torch.diagonal(h) == 0
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1.0  # boolean masks pair up: only the dead diagonal entries
+    wc = w.detach().to(cdtype).clone()
+    wc[:, dead] = 0.0
+
+    group = spec.granularity == "group"
+    n_rows = n // spec.group_size if group else 1
+    grid = _Grid(spec, n_rows, out, cdtype)
+    if qparams is not None:
+        grid.set(slice(None), *_given_qparams(method, label, spec, (out, n), qparams, cdtype))
+    elif not group or static_groups:
+        grid.set(slice(None), *choose_qparams(wc, spec))
+
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    u, damp_used, lam = _damped_factor(method, label, h, perm, float(damp))
+    del h
+    p = None
+    if fp_cross is not None:
+        cross = _permuted(fp_cross.detach().to(cdtype), perm)
+        cross[:, dead[perm]] = 0.0  # a dead input never reaches the quantized path's output
+        p = (cross @ u.T).triu_(1).mul_(alpha) @ u
+        del cross
+
+    wt = wc.T.contiguous().index_select(0, perm)  # row j = column perm[j] of W: contiguous rows
+    del wc
+    pos_of = torch.argsort(perm)
+    col_group = torch.arange(n) // spec.group_size if group else torch.zeros(n, dtype=torch.long)
+    members = [pos_of[g * spec.group_size:(g + 1) * spec.group_size] for g in range(n_rows)] if group else None
+    loss = _columns(wt, u, p, grid, col_group[perm].tolist(), members, spec, block_size)
+    del u, p
+
+    if not bool(torch.isfinite(wt.sum())):
+        raise _error(method, label, "the error-compensated weights overflowed", "pass a larger damp")
+    wpre = wt.index_select(0, pos_of).T  # each column's value when it was quantized, in the original order
+    scale, zero_point = grid.natural(spec.granularity)
+    q = quantize(wpre, spec, scale=scale, zero_point=zero_point)
+    info = {"damp": damp_used, "lambda": lam, "dead_columns": int(dead.sum()), "obs_loss": loss}
+    return QTensor(q.codes, q.scale, q.zero_point, spec, w.dtype), info
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  qparams: tuple | None = None, label: str = "layer") -> tuple[QTensor, dict]:
+    """GPTQ-round ``w [out, in]`` under ``spec`` given ``hessian = X^T X / n`` ([in, in]).
+
+    Returns the `QTensor` (natural layout of ``spec``; its dequantized value is exactly the ``Q``
+    the sweep propagated errors from) and ``info``: ``damp`` (after any escalation), ``lambda``,
+    ``dead_columns`` and ``obs_loss`` (``tr((W - Q) (H + lambda I) (W - Q)^T)`` with dead columns
+    of ``W`` zeroed). Math in the module docstring. Raises `TransformError` naming ``label`` for
+    binary / dynamic specs, NaN/Inf in ``w`` or ``hessian``, and a Hessian that no dampening fixes.
+    Inputs are never modified; float32 math (float64 for a float64 ``w``).
+    """
+    return sweep(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
+                 static_groups=static_groups, qparams=qparams, label=label)
+
+
+def hessian_of(view: BlockView, name: str, transform: str) -> torch.Tensor:
+    """``view.stats[name].hessian``, or a `TransformError` saying how to collect it."""
+    stats = view.stats.get(name)
+    if stats is None or stats.hessian is None:
+        fail(transform, view, name, "no calibration Hessian (view.stats[name].hessian is missing)",
+             "collect stats with block_stats()/linear_stats() before running it")
+    return stats.hessian
+
+
+@register_transform("gptq")
+def gptq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = False) -> QTransform:
+    """GPTQ (Frantar et al. 2022) on every target with a weight spec, using ``view.stats[name].hessian``
+    and ``weight_qparams`` when a scale search set them; see `gptq_quantize`. State: `WeightsState`."""
+    check_options("gptq", block_size, damp, act_order, static_groups)
+
+    def update(view: BlockView, state: WeightsState):
+        results = {}
+        for name, spec in quantizable(view, "gptq"):
+            w = checked_weight(view, name, "gptq")
+            results[name], _ = gptq_quantize(
+                w, hessian_of(view, name, "gptq"), spec, block_size=block_size, damp=damp,
+                act_order=act_order, static_groups=static_groups, qparams=view.specs[name].weight_qparams,
+                label=view.label(name))
+        return store(view, state, results)
+
+    return QTransform(lambda view: WeightsState({}), update)

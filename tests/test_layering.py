@@ -17,7 +17,7 @@ ALLOWED_QNPU = {
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
                      "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu"},
-                     "transforms": {"einops"}}
+                     "transforms": {"einops", "yaml"}}
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,6 +11,7 @@ from .base import (
     EmptyState,
     QTransform,
     derive_seed,
+    find_states,
     generator,
     recipe_from_dict,
     recipe_to_dict,
@@ -20,6 +21,7 @@ from .base import (
     state_from_dict,
     state_to_dict,
 )
+from . import recipes
 from .activations import ActivationState, activation_scales
 from .awq import AWQState, awq
 from .billm import BiLLMState, billm
@@ -34,8 +36,9 @@ from .stats import block_stats, linear_stats
 from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformError, make_view
 
 __all__ = [
+    "recipes",
     "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
-    "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "generator",
+    "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "find_states", "generator",
     "chain", "masked", "partition", "quant_specs", "rtn",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",

@@ -149,6 +149,17 @@ def state_from_dict(data: Any) -> Any:
     return _decode(data)
 
 
+def find_states(state: Any, cls: type) -> list:
+    """Every ``cls`` instance inside a (chain / partition / masked) state pytree, in order."""
+    if isinstance(state, cls):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [found for item in state for found in find_states(item, cls)]
+    if isinstance(state, dict):
+        return [found for item in state.values() for found in find_states(item, cls)]
+    return []
+
+
 def derive_seed(seed: int, *labels: str) -> int:
     """A 63-bit seed from ``seed`` and labels (e.g. the block prefix): same inputs, same seed."""
     digest = hashlib.sha256(repr((int(seed),) + labels).encode()).digest()

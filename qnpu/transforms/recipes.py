@@ -1,0 +1,117 @@
+"""Built-in recipes: the settings of the two source papers, each one ``chain(...)`` line.
+
+``get(name, group_size=None)`` returns the recipe; ``names()`` lists them; ``describe(name)``
+gives a one-line summary; ``load(path)`` reads a recipe saved as JSON or YAML
+(`qnpu.transforms.recipe_to_dict` writes that form). Weights are per-channel unless
+``group_size`` is given; a group size that does not divide a layer's input width fails at that
+layer with the fix (576 / 128 on SmolLM2, for instance: use 64 or 32).
+
+Activation specs: ``A8D`` is per-token dynamic symmetric int8 (``npu_dynamic_quant``); ``A8S`` is
+static per-tensor symmetric int8 (``npu_quantize``). In ``w8a8``, down_proj keeps per-token
+dynamic activations: its input range is ~12x the other linears' and static per-tensor scales
+collapse accuracy there (msModelSlim's static configs skip down_proj for the same reason).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Callable
+
+from qnpu.qcore import QSpec
+
+from .activations import activation_scales
+from .awq import awq
+from .base import QTransform, recipe_from_dict
+from .billm import billm
+from .combinators import chain, masked, quant_specs
+from .gptaq import gptaq
+from .gptq import gptq
+from .rotation import hadamard_rotation
+from .rounding import rtn
+from .slim_llm import slim_llm
+from .smoothing import smoothquant
+
+A8D = QSpec(bits=8, granularity="token", dynamic=True)
+A8S = QSpec(bits=8, granularity="tensor")
+
+
+def _w(bits: int, group_size: int | None, *, symmetric: bool = True) -> QSpec:
+    fmt = "int" if symmetric else "uint"
+    if group_size is None:
+        return QSpec(bits=bits, format=fmt, symmetric=symmetric)
+    return QSpec(bits=bits, format=fmt, symmetric=symmetric, granularity="group", group_size=group_size, axis=-1)
+
+
+_RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
+    "w8a8": ("int8 per-channel weights (RTN), static per-tensor int8 activations after SmoothQuant 0.8; "
+             "down_proj per-token dynamic",
+             lambda g: chain(quant_specs(weight=_w(8, g), activation=A8S),
+                             masked("*.mlp.down_proj", quant_specs(activation=A8D)),
+                             smoothquant(alpha=0.8), activation_scales(), rtn())),
+    "w8a8-dynamic": ("int8 per-channel weights (RTN), per-token dynamic int8 activations",
+                     lambda g: chain(quant_specs(weight=_w(8, g), activation=A8D), rtn())),
+    "w8a16": ("int8 per-channel weights (RTN), float activations",
+              lambda g: chain(quant_specs(weight=_w(8, g)), rtn())),
+    "w4a16-rtn": ("int4 symmetric weights, round-to-nearest", lambda g: chain(quant_specs(weight=_w(4, g)), rtn())),
+    "w4a16-gptq": ("int4 symmetric weights, GPTQ (act-order)", lambda g: chain(quant_specs(weight=_w(4, g)), gptq())),
+    "w4a16-awq": ("int4 symmetric weights, AWQ scales + clipping, then RTN",
+                  lambda g: chain(quant_specs(weight=_w(4, g)), awq(), rtn())),
+    "w4a16-gptaq": ("int4 symmetric weights, GPTAQ (asymmetric calibration against the float path)",
+                    lambda g: chain(quant_specs(weight=_w(4, g)), gptaq())),
+    "w3a16-gptq": ("int3 asymmetric weights, GPTQ",
+                   lambda g: chain(quant_specs(weight=_w(3, g, symmetric=False)), gptq())),
+    "w2a16-gptq": ("int2 asymmetric weights, GPTQ",
+                   lambda g: chain(quant_specs(weight=_w(2, g, symmetric=False)), gptq())),
+    "w4a8": ("int4 weights (GPTQ), per-token dynamic int8 activations",
+             lambda g: chain(quant_specs(weight=_w(4, g), activation=A8D), gptq())),
+    "w4a8-smoothquant": ("w4a8 after SmoothQuant with alpha searched by block output error",
+                         lambda g: chain(quant_specs(weight=_w(4, g), activation=A8D), smoothquant(search=True),
+                                         gptq())),
+    "w4a8-hadamard": ("w4a8 after QuaRot random-Hadamard rotation (online Hadamard before down_proj)",
+                      lambda g: chain(quant_specs(weight=_w(4, g), activation=A8D), hadamard_rotation(), gptq())),
+    "billm": ("BiLLM ~1.1-bit binarization (salient residual + bell-shaped split)",
+              lambda g: chain(quant_specs(weight=QSpec(bits=1, format="binary")), billm())),
+    "slim-llm": ("SliM-LLM 2-bit mixed-precision groups (1/2/3 bits, mean 2), asymmetric",
+                 lambda g: chain(quant_specs(weight=_w(2, None, symmetric=False)), slim_llm(bits=2, group_size=g or 64))),
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_RECIPES)
+
+
+def describe(name: str) -> str:
+    return _RECIPES[_check(name)][0]
+
+
+def _check(name: str) -> str:
+    if name not in _RECIPES:
+        close = difflib.get_close_matches(name, _RECIPES, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown recipe {name!r}{hint} Built-in recipes: {', '.join(_RECIPES)}")
+    return name
+
+
+def get(name: str, group_size: int | None = None) -> QTransform:
+    """The built-in recipe ``name`` (per-channel weights, or groups of ``group_size`` along the input)."""
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group_size={group_size!r}; allowed: None (per-channel) or an int > 0")
+    return _RECIPES[_check(name)][1](group_size)
+
+
+def load(path: str | Path) -> QTransform:
+    """A recipe from a JSON or YAML file holding `recipe_to_dict` output."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe file holds one mapping with a 'transform' key")
+    return recipe_from_dict(data)

@@ -14,10 +14,12 @@ ALLOWED_QNPU = {
     "models": {"qcore", "transforms"},
     "lowering": {"qcore"},
     "testing": {"qcore", "transforms"},
+    "data": set(),
+    "eval": {"qcore", "transforms", "models", "data"},
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
                      "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu"},
-                     "transforms": {"einops", "yaml"}}
+                     "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm"}}
 
 
 def _imports(path: Path) -> set[str]:

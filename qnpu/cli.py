@@ -1,9 +1,12 @@
 """The ``qnpu`` command.
 
-Subcommands available now:
+Subcommands:
+  qnpu quantize   quantize a model (default: the embedded SmolLM2-135M with w8a8-dynamic) and report
+  qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices
+  qnpu recipes    the built-in recipes
   qnpu info       versions and which accelerators (CUDA, Ascend NPU via torch_npu) are usable
   qnpu hadamard   whether an order n has a Hadamard matrix here, and how it is built
-Every subcommand takes ``--json`` for machine-readable output.
+Every subcommand takes ``--json`` for machine-readable output; long work shows progress bars on stderr.
 """
 from __future__ import annotations
 
@@ -47,11 +50,58 @@ def _emit(data: dict, as_json: bool) -> None:
             print(f"{key:<{width}}  {value}")
 
 
+def _recipes() -> dict:
+    from qnpu.transforms import recipes
+
+    return {name: recipes.describe(name) for name in recipes.names()}
+
+
+def _print_report(report: dict) -> None:
+    print(f"model    {report['model']['name']} ({report['model']['kind']})")
+    print(f"recipe   {report['recipe']}" + (f", group size {report['group_size']}" if report["group_size"] else ""))
+    print(f"calib    {report['calibration']['samples']} x {report['calibration']['seq_len']} tokens")
+    for name in ("docs", "code"):
+        base = report.get("baseline", {}).get(name, {}).get("ppl")
+        quant = report.get("quantized", {}).get(name, {}).get("ppl")
+        if base is not None or quant is not None:
+            delta = f"  ({100 * (quant / base - 1):+.2f}%)" if base and quant else ""
+            print(f"ppl {name:<5}{'' if base is None else f'{base:9.3f}'} -> {'' if quant is None else f'{quant:.3f}'}{delta}")
+    wb = report["weight_bytes"]
+    print(f"weights  linear layers {wb['before'] / 2**20:.1f} MiB -> {wb['linear_weights'] / 2**20:.1f} MiB")
+    print(f"time     quantize {report['quantize_seconds']:.1f} s, total {report['wall_seconds']:.1f} s")
+    print("largest output error:")
+    for row in report["worst_layers"]:
+        print(f"  {row['relative_output_error']:.4f}  {row['layer']}")
+    if "checkpoint" in report:
+        print(f"saved    {report['checkpoint']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qnpu", description="Functional post-training quantization "
                                      "for LLMs, lowered to Ascend NPUs.")
     parser.add_argument("--version", action="version", version=f"qnpu {qnpu.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_q = sub.add_parser("quantize", help="quantize a model with a recipe and report its fidelity")
+    p_q.add_argument("--model", default=None, help="HF folder, .gguf file or 'default' (SmolLM2-135M-Instruct)")
+    p_q.add_argument("--recipe", default="w8a8-dynamic", help="built-in recipe name (qnpu recipes) or a JSON/YAML file")
+    p_q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per-channel)")
+    p_q.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    p_q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p_q.add_argument("--seed", type=int, default=None,
+                     help="sample calibration chunks at seeded random offsets (default: the first chunks)")
+    p_q.add_argument("--device", default="cpu", help="device for the block being calibrated: cpu | cuda | npu")
+    p_q.add_argument("--output", default="qnpu-out", help="checkpoint folder (default ./qnpu-out)")
+    p_q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p_q.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per slice (default 20480)")
+    p_q.add_argument("--no-eval", action="store_true", help="skip the baseline and quantized perplexity")
+    p_q.add_argument("--json", action="store_true", help="print one JSON object")
+    p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint")
+    p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
+    p_e.add_argument("--slices", default="docs,code", help="comma-separated evaluation slices")
+    p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
+    p_e.add_argument("--json", action="store_true", help="print one JSON object")
+    p_r = sub.add_parser("recipes", help="list the built-in recipes")
+    p_r.add_argument("--json", action="store_true", help="print one JSON object")
     p_info = sub.add_parser("info", help="show versions and available accelerators")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
     p_h = sub.add_parser("hadamard", help="show how a Hadamard matrix of order N is constructed")
@@ -67,10 +117,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        data = _info() if args.command == "info" else _hadamard(args.n)
-    except ValueError as err:
+        if args.command == "quantize":
+            from qnpu.jobs import quantize_job
+
+            report = quantize_job(model=args.model, recipe=args.recipe, group_size=args.group_size,
+                                  samples=args.samples, seq_len=args.seq_len, seed=args.seed, device=args.device,
+                                  output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
+                                  evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
+                                  progress=True)
+            print(json.dumps(report, default=str)) if args.json else _print_report(report)
+            return 0
+        if args.command == "eval":
+            from qnpu.jobs import eval_job
+
+            data = eval_job(model=args.model, slices=tuple(args.slices.split(",")), eval_tokens=args.eval_tokens)
+            if not args.json:
+                data = {"model": data["model"]["name"],
+                        **{f"ppl {k}": round(v["ppl"], 4) for k, v in data["perplexity"].items()}}
+        elif args.command == "recipes":
+            data = _recipes()
+        else:
+            data = _info() if args.command == "info" else _hadamard(args.n)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"qnpu {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"qnpu {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     _emit(data, args.json)
     return 0
 

@@ -1,0 +1,112 @@
+"""The main jobs behind the CLI: quantize a model end to end with a report, and evaluate one.
+
+`quantize_job` loads a model, measures baseline perplexity, calibrates and quantizes it block by
+block with a recipe, saves the checkpoint (atomically) and measures the quantized perplexity.
+Everything it prints is also returned as a JSON-ready dict.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from qnpu.eval import perplexity, tokenize_slice
+from qnpu.models import load, quantize_model, save_quantized
+from qnpu.models.qlinear import QLinear
+from qnpu.transforms import QTransform, recipe_to_dict, recipes
+
+EVAL_SLICES = ("docs", "code")
+
+
+def resolve_recipe(name_or_file: str, group_size: int | None = None) -> QTransform:
+    """A built-in recipe name, or a JSON/YAML recipe file."""
+    if name_or_file.endswith((".json", ".yaml", ".yml")) or Path(name_or_file).is_file():
+        if group_size is not None:
+            raise ValueError("--group-size applies to built-in recipes; put the group size in the recipe file")
+        return recipes.load(name_or_file)
+    return recipes.get(name_or_file, group_size=group_size)
+
+
+def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
+    """``[samples, seq_len]`` token ids from the calibration slice: the first ``samples`` chunks
+    (the shared protocol) or, with a ``seed``, chunks at seeded random offsets."""
+    if samples <= 0 or seq_len <= 1:
+        raise ValueError(f"need samples >= 1 and seq_len >= 2; got samples={samples}, seq_len={seq_len}")
+    ids = tokenize_slice(tokenizer, "calibration")
+    need = samples * seq_len
+    if ids.numel() < need:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than samples x seq_len = "
+                         f"{samples} x {seq_len} = {need}; lower --samples or --seq-len")
+    if seed is None:
+        return ids[:need].view(samples, seq_len).clone()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def evaluate(model, tokenizer, slices=EVAL_SLICES, n_tokens: int | None = None, progress: bool = True) -> dict:
+    """Perplexity on each evaluation slice (windows of 512)."""
+    out = {}
+    for name in slices:
+        start = time.perf_counter()
+        result = perplexity(model, tokenize_slice(tokenizer, name, n_tokens), progress=progress)
+        out[name] = {"ppl": result["ppl"], "tokens": result["n_windows"] * result["window"],
+                     "seconds": round(time.perf_counter() - start, 2)}
+    return out
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of the linears' weights as stored (packed codes + scales for quantized ones) and in float."""
+    quantized = float_equiv = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, QLinear)):
+            nbytes = module.weight.numel() * module.weight.element_size()
+            float_equiv += nbytes
+            q = getattr(module, "qweight", None)
+            quantized += nbytes if q is None else q.packed_nbytes
+    return {"linear_weights": quantized, "linear_weights_float": float_equiv,
+            "compression": round(float_equiv / quantized, 3) if quantized else None}
+
+
+def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", group_size: int | None = None,
+                 samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
+                 output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
+                 evaluate_result: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+    """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
+    wall time and the five linears with the largest output error."""
+    start = time.perf_counter()
+    transform = resolve_recipe(recipe, group_size)
+    net, tokenizer, source = load(model, progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files; qnpu needs one to tokenize calibration text")
+    ids = calibration_ids(tokenizer, samples, seq_len, seed)
+    report: dict = {"model": source, "recipe": recipe, "group_size": group_size, "calibration":
+                    {"samples": samples, "seq_len": seq_len, "seed": seed}, "device": device}
+    if evaluate_baseline:
+        report["baseline"] = evaluate(net, tokenizer, n_tokens=eval_tokens, progress=progress)
+    before = weight_bytes(net)
+    t0 = time.perf_counter()
+    result = quantize_model(net, transform, ids, device=device, progress=progress)
+    report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    report["worst_layers"] = [{"layer": label, "relative_output_error": err}
+                              for label, err in result.worst_linears(5)]
+    report["weight_bytes"] = {"before": before["linear_weights"], **weight_bytes(net)}
+    if evaluate_result:
+        report["quantized"] = evaluate(net, tokenizer, n_tokens=eval_tokens, progress=progress)
+    if output is not None:
+        path = save_quantized(result, output, source=source, recipe=transform, report=report,
+                              overwrite=overwrite, tokenizer=tokenizer)
+        report["checkpoint"] = str(path)
+    report["recipe_dict"] = recipe_to_dict(transform)
+    report["wall_seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,
+             progress: bool = True) -> dict:
+    """Perplexity of a model or a qnpu checkpoint on the evaluation slices."""
+    net, tokenizer, source = load(model, progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
+    return {"model": source, "perplexity": evaluate(net, tokenizer, slices, eval_tokens, progress)}

@@ -1,0 +1,603 @@
+"""The layer-by-layer calibration engine: apply a recipe to a Hugging Face causal LM, block by block.
+
+This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For every decoder block
+``i`` (GPTQ's sequential scheme, Frantar et al. 2022):
+
+1. its inputs ``X_i`` for all calibration sequences are known (block 0's are captured with a
+   forward pre-hook on ``layers[0]`` that stops the forward; the keyword arguments Hugging Face
+   passes, position embeddings and attention mask, are kept and reused for every block);
+2. the *float* block runs on ``X_i`` with forward hooks on its ``nn.Linear`` modules (the only
+   hooks in qnpu), accumulating each linear input's `LinearStats`: ``H = X^T X / n`` (float32
+   sums of per-batch products), per-channel absmax and the first ``max_stat_tokens`` rows.
+   When the recipe contains ``gptaq`` a float path is kept too: the float block also runs on the
+   float model's own inputs ``X_fp`` (outputs of the float blocks before it), giving
+   ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
+3. ``recipe.init`` / ``recipe.update`` run on a `BlockView` of the block's params (on CPU: qcore and
+   the transforms build CPU tensors), and the result is written back: norm weights in place,
+   every linear with a weight or activation spec or an online Hadamard becomes a `QLinear`
+   (a static activation spec whose ``(scale, zero_point)`` no ``activation_scales`` step fixed gets
+   them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
+4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
+
+Rotations (QuaRot): a block rotated by ``hadamard_rotation`` computes ``x Q -> y Q``. Hidden
+states stay in the unrotated basis between blocks (the block gets ``x Q``, its output is
+multiplied by ``Q^T``), so every block's view comes in the original basis as the transform
+expects; after the last block `rotate_edges` rotates the embedding, final norm and lm_head
+(tied embeddings are untied), and the model computes the same function end to end.
+
+Errors recorded per block: the relative output error of the quantized block against the float
+block on the same inputs, and per linear ``||X W^T - fq(X) W_hat^T||_F / ||X W^T||_F`` on the
+first ``error_tokens`` rows of its stats token sample, in the block's final basis (``X`` the
+transformed input sample, ``W`` the transformed float weight the rounder received, ``W_hat`` its
+dequantized result, ``fq`` the activation spec).
+
+The models layer is the impure edge: `quantize_model` modifies the model *in place* and returns
+the same object.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qnpu.qcore import QSpec, fake_quantize
+from qnpu.transforms import (
+    ActivationState,
+    BlockStructure,
+    BlockView,
+    LinearSpec,
+    LinearStats,
+    QTransform,
+    RotationState,
+    WeightsState,
+    find_states,
+    make_view,
+    rotate_edges,
+    rotation_matrix,
+)
+from qnpu.transforms.activations import static_input_qparams
+
+from .families import Family, block_structure, family_for
+from .qlinear import QLinear
+
+_OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
+
+
+def replaced_linears(specs: Mapping[str, LinearSpec | None], online_hadamard: tuple) -> tuple[str, ...]:
+    """The linears the engine turns into `QLinear`: those with a weight or activation spec or an
+    online Hadamard rotation of their input."""
+    names = dict.fromkeys(list(specs) + list(online_hadamard))
+    return tuple(n for n in names if n in online_hadamard or (
+        specs.get(n) is not None and (specs[n].weight is not None or specs[n].activation is not None)))
+
+
+@dataclass
+class BlockResult:
+    """What one block's calibration produced (``params`` / ``qweights`` / ``act_qparams`` on CPU).
+
+    specs:        final `LinearSpec` per linear (block-relative names).
+    state:        the recipe's state pytree for this block.
+    params:       the block's final params by block-relative name (QLinear weights are the
+                  dequantized values); empty in results that `quantize_from_disk` returns.
+    qweights:     linear name -> `QTensor` (from every `WeightsState` in the state).
+    act_qparams:  linear name -> static ``(scale, zero_point)`` of its input.
+    output_error: ``||y - y_q|| / ||y||`` of the block on the calibration inputs.
+    linear_errors: linear name -> relative output error on its token sample (module docstring).
+    """
+
+    index: int
+    prefix: str
+    specs: dict
+    online_hadamard: tuple
+    state: Any
+    params: dict
+    seconds: float
+    output_error: float
+    linear_errors: dict
+    qweights: dict = field(default_factory=dict)
+    act_qparams: dict = field(default_factory=dict)
+
+    @property
+    def quantized_linears(self) -> tuple[str, ...]:
+        """Linears that became `QLinear`: a weight or activation spec, or an online Hadamard."""
+        return replaced_linears(self.specs, self.online_hadamard)
+
+    def checkpoint_payload(self) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """``(tensors, qlinears)`` in the form ``CheckpointWriter.add`` takes, labels qualified
+        with the block prefix. Linears with a quantized weight are stored as codes (their float
+        weight is left out of ``tensors``); activation-only / online-Hadamard ones keep their float
+        weight and get a ``qlinears`` entry with ``qweight=None``."""
+        qlinears = {}
+        for name in self.quantized_linears:
+            spec = self.specs.get(name)
+            qlinears[self.prefix + name] = {
+                "qweight": self.qweights.get(name), "act_spec": None if spec is None else spec.activation,
+                "act_qparams": self.act_qparams.get(name), "online_hadamard": name in self.online_hadamard}
+        tensors = {self.prefix + k: v for k, v in self.params.items()
+                   if not (k.endswith(".weight") and k.removesuffix(".weight") in self.qweights)}
+        return tensors, qlinears
+
+
+@dataclass
+class QuantizeResult:
+    """model: the input model, modified in place (None from `quantize_from_disk`); blocks: one
+    `BlockResult` per block; edges: the final embedding / final norm / lm_head tensors by full
+    name (lm_head only when untied); config: the model's HF config dict after quantization
+    (``tie_word_embeddings`` False when rotation untied the embeddings); rotated: whether the
+    residual stream is rotated."""
+
+    model: Any
+    blocks: list
+    seconds: float
+    rotated: bool
+    edges: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def worst_linears(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` linears (full labels) with the largest relative output error."""
+        found = [(b.prefix + n, e) for b in self.blocks for n, e in b.linear_errors.items()]
+        return sorted(found, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)[:k]
+
+
+def recipe_uses(recipe: QTransform, name: str) -> bool:
+    """Whether ``recipe.config`` contains a transform registered as ``name`` (at any depth)."""
+
+    def walk(node) -> bool:
+        if isinstance(node, Mapping):
+            return node.get("transform") == name or any(walk(v) for v in node.values())
+        if isinstance(node, (list, tuple)):
+            return any(walk(v) for v in node)
+        return False
+
+    return walk(recipe.config)
+
+
+# -- calibration data flow ------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward once layer 0's inputs are known."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _SiteStats:
+    """Running `LinearStats` of one linear input (shared by the linears that read it)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.n = 0
+        self.gram = self.cross = self.absmax = None
+        self.tokens: list[torch.Tensor] = []
+        self.fp_tokens: list[torch.Tensor] = []
+        self.kept = 0
+
+    def add(self, x: torch.Tensor, fp_x: torch.Tensor | None) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        # float32 sums of per-batch products: a few dozen terms per entry, no float64 needed
+        if self.gram is None:
+            self.gram = rows.T @ rows
+        else:
+            self.gram.addmm_(rows.T, rows)
+        amax = rows.abs().amax(0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        take = max(0, min(self.max_tokens - self.kept, rows.shape[0]))
+        if take:
+            self.tokens.append(rows[:take].cpu().clone())
+        if fp_x is not None:
+            fp_rows = fp_x.detach().reshape(-1, x.shape[-1]).float()
+            if self.cross is None:
+                self.cross = (fp_rows - rows).T @ rows
+            else:
+                self.cross.addmm_((fp_rows - rows).T, rows)
+            if take:
+                self.fp_tokens.append(fp_rows[:take].cpu().clone())
+        self.kept += take
+        self.n += rows.shape[0]
+
+    def result(self) -> LinearStats:
+        def mean(t):
+            return None if t is None else t.div_(self.n).cpu()
+
+        return LinearStats(hessian=mean(self.gram), absmax=self.absmax.cpu(), tokens=torch.cat(self.tokens),
+                           fp_tokens=torch.cat(self.fp_tokens) if self.fp_tokens else None,
+                           fp_cross=mean(self.cross))
+
+
+def _sites(structure: BlockStructure) -> dict[str, str]:
+    """Linear -> the linear whose input it shares (readers of one RMSNorm share one input)."""
+    site = {n: n for n in structure.linears}
+    for _, readers in structure.norm_pairs:
+        for r in readers:
+            site[r] = readers[0]
+    return site
+
+
+def _run_recipe(recipe: QTransform, view: BlockView) -> tuple[BlockView, Any, dict[str, list]]:
+    """Run the recipe and log every tensor it writes through ``with_params`` (in order), so the
+    engine knows the float weight each rounder received (the value before its final write)."""
+    log: dict[str, list] = {}
+
+    class Recording(BlockView):
+        __slots__ = ()
+
+        def with_params(self, updates):
+            for key, value in updates.items():
+                log.setdefault(key, []).append(value)
+            return BlockView.with_params(self, updates)
+
+    recording = Recording(*view)
+    state = recipe.init(recording)
+    new, state = recipe.update(recording, state)
+    return BlockView(*new), state, log
+
+
+def _merged(states: list, attribute: str) -> dict:
+    merged: dict = {}
+    for s in states:
+        merged.update(getattr(s, attribute))
+    return merged
+
+
+def _relative(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+def _fq_input(x: torch.Tensor, spec: QSpec | None, qparams) -> torch.Tensor:
+    if spec is None:
+        return x
+    if spec.dynamic:
+        return fake_quantize(x, spec)
+    scale, zero_point = qparams
+    return fake_quantize(x, spec, scale=scale, zero_point=zero_point)
+
+
+class LayerwiseCalibration:
+    """The shared per-block machinery of `quantize_model` and `quantize_from_disk`.
+
+    Holds the hidden states at the current block's input (``[n, seq, hidden]`` on ``device``),
+    the float path's when needed, the captured layer kwargs per batch, and the rotation found so
+    far. Use: `capture` once, then `step` on every block in order, then `edges`."""
+
+    def __init__(self, recipe: QTransform, family: Family, structure: BlockStructure, *, device="cpu",
+                 batch_size: int = 8, max_stat_tokens: int = 512, block_input_sample: int = 4,
+                 error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu") -> None:
+        if not isinstance(recipe, QTransform):
+            raise TypeError(f"recipe must be a QTransform (e.g. chain(...)); got {type(recipe).__name__}")
+        for name, value in (("batch_size", batch_size), ("max_stat_tokens", max_stat_tokens),
+                            ("block_input_sample", block_input_sample), ("error_tokens", error_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
+        self.recipe, self.family, self.structure = recipe, family, structure
+        self.device, self.recipe_device = torch.device(device), torch.device(recipe_device)
+        self.batch_size, self.max_stat_tokens = batch_size, max_stat_tokens
+        self.block_input_sample, self.error_tokens = block_input_sample, error_tokens
+        self.float_path = recipe_uses(recipe, "gptaq") if float_path is None else bool(float_path)
+        self.hidden: torch.Tensor | None = None
+        self.fp_hidden: torch.Tensor | None = None
+        self.batches: list[tuple[slice, tuple, dict]] = []
+        self.rotation: tuple[int, str] | None = None
+        self.blocks_done = 0
+
+    # -- block 0's inputs -------------------------------------------------------------------------
+    def capture(self, model: nn.Module, calibration_ids: torch.Tensor) -> None:
+        """Run the model's embedding (and whatever precedes layer 0) on every batch of
+        ``calibration_ids [n, seq]`` and keep layer 0's inputs and keyword arguments."""
+        ids = torch.as_tensor(calibration_ids)
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+            raise ValueError(f"calibration_ids must be a non-empty integer tensor [n, seq]; got "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        first = model.get_submodule(self.family.layers)[0]
+        embed_device = model.get_submodule(self.family.embed).weight.device
+        seen: dict = {}
+
+        def hook(module, args, kwargs):
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            seen["args"] = tuple(args[1:])
+            seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        hidden = []
+        try:
+            with torch.no_grad():
+                for start in range(0, ids.shape[0], self.batch_size):
+                    seen.clear()
+                    try:
+                        model(input_ids=ids[start:start + self.batch_size].to(embed_device), use_cache=False)
+                    except _Stop:
+                        pass
+                    if "hidden" not in seen:
+                        raise RuntimeError(f"the model's forward never reached {self.family.layers}.0")
+                    rows = slice(start, start + seen["hidden"].shape[0])
+                    hidden.append(seen["hidden"].detach().to(self.device))
+                    self.batches.append((rows, _to(seen["args"], self.device), _to(seen["kwargs"], self.device)))
+        finally:
+            handle.remove()
+        self.hidden = torch.cat(hidden)
+        self.fp_hidden = self.hidden.clone() if self.float_path else None
+
+    # -- one block --------------------------------------------------------------------------------
+    def step(self, block: nn.Module, index: int) -> BlockResult:
+        """Calibrate, transform and replace one block (in place) and advance the hidden states."""
+        prefix = f"{self.family.layers}.{index}."
+        if self.hidden is None:
+            raise RuntimeError("LayerwiseCalibration.step before capture()")
+        try:
+            with torch.no_grad():
+                return self._step(block, index, prefix)
+        except _OOM_TYPES as err:
+            raise type(err)(self._oom_message(prefix, index)) from err
+        except RuntimeError as err:
+            if "out of memory" in str(err).lower():
+                raise RuntimeError(self._oom_message(prefix, index)) from err
+            raise
+
+    def _oom_message(self, prefix: str, index: int) -> str:
+        return (f"out of memory while quantizing block {index} ({prefix.rstrip('.')}) on {self.device} "
+                f"with {self.hidden.shape[0]} calibration sequences of {self.hidden.shape[1]} tokens: lower "
+                f"batch_size (now {self.batch_size}), use fewer calibration samples, or device='cpu'")
+
+    def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        return _output(block(x, *args, **kwargs))
+
+    def _check_params(self, block: nn.Module, prefix: str) -> None:
+        for name, p in block.named_parameters():
+            # one float32 sum is far cheaper than isfinite on bf16; NaN/Inf always reach the sum
+            if p.is_floating_point() and not (bool(torch.isfinite(p.sum(dtype=torch.float32)))
+                                              or bool(torch.isfinite(p).all())):
+                raise ValueError(f"block {prefix.rstrip('.')}: parameter {prefix}{name} has NaN/Inf values; "
+                                 "quantization needs finite weights: inspect the checkpoint")
+
+    def _calibrate(self, block: nn.Module, prefix: str) -> tuple[dict[str, LinearStats], torch.Tensor]:
+        """Stats of every linear input of the float block on the current inputs; returns them and
+        the float block's outputs (the reference for the block error). Advances the float path."""
+        sites = _sites(self.structure)
+        acc = {s: _SiteStats(self.max_stat_tokens) for s in set(sites.values())}
+        mode: dict = {"phase": None, "fp": {}}
+
+        def make_hook(site):
+            def hook(module, inputs, output):
+                if mode["phase"] == "fp":
+                    mode["fp"][site] = inputs[0]
+                elif mode["phase"] == "q":
+                    acc[site].add(inputs[0], mode["fp"].pop(site, None))
+            return hook
+
+        handles = [block.get_submodule(s).register_forward_hook(make_hook(s)) for s in acc]
+        reference = torch.empty_like(self.hidden)
+        try:
+            for rows, args, kwargs in self.batches:
+                if self.float_path:
+                    mode["phase"] = "fp"
+                    self.fp_hidden[rows] = self._forward(block, self.fp_hidden[rows], args, kwargs)
+                mode["phase"] = "q"
+                reference[rows] = self._forward(block, self.hidden[rows], args, kwargs)
+                mode["fp"].clear()
+        finally:
+            for h in handles:
+                h.remove()
+        site_stats = {s: a.result() for s, a in acc.items()}
+        for s, st in site_stats.items():
+            if not bool(torch.isfinite(st.absmax).all()):
+                raise ValueError(f"the input of {prefix}{s} has NaN/Inf activations on the calibration data "
+                                 f"(earlier blocks overflowed?): check the model dtype and the calibration ids")
+        return {n: site_stats[sites[n]] for n in self.structure.linears}, reference
+
+    def _write_back(self, block: nn.Module, view: BlockView, original: Mapping[str, torch.Tensor],
+                    qweights: dict, act_qparams: dict) -> None:
+        s = self.structure
+        spec = {n: view.specs.get(n) or LinearSpec() for n in s.linears}
+        replaced = [n for n in replaced_linears(view.specs, view.online_hadamard) if n in spec]
+        skip = {f"{n}.{p}" for n in replaced for p in ("weight", "bias")}
+        for key, value in view.params.items():
+            if key in skip or value is original.get(key):
+                continue
+            try:
+                param = block.get_parameter(key)
+            except AttributeError:
+                raise ValueError(f"the recipe produced {view.prefix}{key}, for which the model has no parameter "
+                                 "(e.g. a bias on a bias-free linear, or scales on a weightless norm)") from None
+            param.copy_(value.to(param.device, param.dtype))
+        unrounded = [view.label(n) for n in replaced if spec[n].weight is not None and n not in qweights]
+        if unrounded:
+            warnings.warn(f"{unrounded} have weight specs but no rounder in the recipe quantized them; "
+                          "their weights stay float (add rtn()/gptq() after quant_specs)", stacklevel=4)
+        for n in replaced:
+            old = block.get_submodule(n)
+            bias = view.params.get(f"{n}.bias")
+            new = QLinear(view.params[f"{n}.weight"].to(self.device), None if bias is None else bias.to(self.device),
+                          qweight=qweights.get(n), act_spec=spec[n].activation, act_qparams=act_qparams.get(n),
+                          online_hadamard=n in view.online_hadamard)
+            parent, _, child = n.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, new.to(old.weight.device))
+
+    def _rotation_of(self, state, view: BlockView, original: Mapping[str, torch.Tensor], index: int):
+        rotations = find_states(state, RotationState)
+        key = f"{self.structure.q}.weight"
+        rotated = bool(rotations) and view.params[key] is not original[key]
+        found = (int(rotations[-1].seed), rotations[-1].kind) if rotated else None
+        if bool(rotations) and not rotated:
+            raise ValueError(f"block {index}: hadamard_rotation is in the recipe but left this block unrotated; "
+                             "the residual rotation must reach every block (don't mask it to some layers)")
+        if index > 0 and found != self.rotation:
+            raise ValueError(f"block {index} has rotation {found} but earlier blocks {self.rotation}; every "
+                             "block must be rotated with the same hadamard_rotation(seed, kind)")
+        self.rotation = found
+        if found is None:
+            return None
+        dtype = torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
+        return rotation_matrix(self.structure.hidden_size, found[0], found[1], dtype=dtype).to(self.device)
+
+    def _step(self, block: nn.Module, index: int, prefix: str) -> BlockResult:
+        start = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(self.device)
+        self._check_params(block, prefix)
+        stats, reference = self._calibrate(block, prefix)
+        original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
+        sample = self.hidden[: self.block_input_sample].to(self.recipe_device)
+        view = make_view(original, self.structure, _to(stats, self.recipe_device), prefix=prefix, inputs=sample)
+        view, state, log = _run_recipe(self.recipe, view)
+
+        qweights = _merged(find_states(state, WeightsState), "qweights")
+        act_qparams = _merged(find_states(state, ActivationState), "qparams")
+        for n in self.structure.linears:
+            act = view.specs[n].activation if view.specs.get(n) is not None else None
+            if act is not None and not act.dynamic and n not in act_qparams:
+                # static activation specs need calibrated qparams; computed here, in the final basis
+                act_qparams[n] = static_input_qparams(view, n, act)
+        q = self._rotation_of(state, view, original, index)
+        self._write_back(block, view, original, qweights, act_qparams)
+
+        num = den = 0.0
+        for rows, args, kwargs in self.batches:
+            x = self.hidden[rows]
+            if q is not None:
+                x = (x.to(q.dtype) @ q).to(x.dtype)
+            out = self._forward(block, x, args, kwargs)
+            if q is not None:
+                out = (out.to(q.dtype) @ q.T).to(out.dtype)
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
+                                 "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
+            ref = reference[rows].double()
+            num += float((ref - out.double()).pow(2).sum())
+            den += float(ref.pow(2).sum())
+            self.hidden[rows] = out
+        errors = self._linear_errors(view, original, log, qweights, act_qparams)
+        if home != self.device:
+            block.to(home)
+        params = {k: v.detach() for k, v in block.state_dict(keep_vars=True).items()}
+        self.blocks_done += 1
+        return BlockResult(index=index, prefix=prefix, specs=dict(view.specs), online_hadamard=view.online_hadamard,
+                           state=state, params=params, seconds=time.perf_counter() - start,
+                           output_error=_relative(num, den), linear_errors=errors, qweights=qweights,
+                           act_qparams=act_qparams)
+
+    def _linear_errors(self, view: BlockView, original, log, qweights, act_qparams) -> dict[str, float]:
+        errors = {}
+        for n in self.structure.linears:
+            st = view.stats.get(n)
+            if st is None or st.tokens is None:
+                continue
+            key = f"{n}.weight"
+            history = log.get(key, [])
+            if n in qweights:  # the rounder's write is the last one; the float weight came before it
+                w = history[-2] if len(history) >= 2 else original[key]
+            else:
+                w = view.params[key]
+            x = st.tokens[: self.error_tokens].float()
+            spec = view.specs.get(n)
+            act = None if spec is None else spec.activation
+            ref = x @ w.float().T
+            den = float(ref.square().sum(dtype=torch.float64))
+            diff = ref.sub_(_fq_input(x, act, act_qparams.get(n)) @ view.params[key].float().T)
+            errors[n] = _relative(float(diff.square().sum(dtype=torch.float64)), den)
+        return errors
+
+    # -- the model's edges ------------------------------------------------------------------------
+    def edges(self, embed: torch.Tensor, final_norm: torch.Tensor | None,
+              lm_head: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Final edge tensors by full name: rotated to match the blocks when they are rotated
+        (then lm_head gets its own tensor even if it was tied: pass ``lm_head=None`` when tied)."""
+        f = self.family
+        if self.rotation is not None:
+            seed, kind = self.rotation
+            embed, head, norm = rotate_edges(embed, lm_head, final_norm, seed=seed, kind=kind)
+            out = {f"{f.embed}.weight": embed, f"{f.lm_head}.weight": head}
+            if norm is not None:
+                out[f"{f.final_norm}.weight"] = norm
+            return out
+        out = {f"{f.embed}.weight": embed}
+        if final_norm is not None:
+            out[f"{f.final_norm}.weight"] = final_norm
+        if lm_head is not None:
+            out[f"{f.lm_head}.weight"] = lm_head
+        return out
+
+
+def progress_bar(total: int, progress: bool) -> tqdm:
+    return tqdm(total=total, desc="quantizing blocks", unit="block", file=sys.stderr, disable=not progress,
+                dynamic_ncols=True)
+
+
+def _set_param(module: nn.Module, value: torch.Tensor) -> None:
+    module.weight = nn.Parameter(value, requires_grad=False)
+
+
+def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.Tensor, *, device="cpu",
+                   batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 512,
+                   block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
+                   error_tokens: int = 128, float_path: bool | None = None,
+                   recipe_device="cpu") -> QuantizeResult:
+    """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
+    block by block, calibrating on ``calibration_ids [n, seq]`` (module docstring has the flow).
+
+    The model is modified **in place** (blocks' linears become `QLinear`, norms and edges may
+    change) and returned as ``result.model``. Each block is moved to ``device`` while it is
+    calibrated and back afterwards; the recipe runs on ``recipe_device`` (CPU: qcore and the
+    transforms build CPU tensors). ``on_block`` is called with each `BlockResult` as soon as the
+    block is done (e.g. to stream it into a ``CheckpointWriter`` via
+    `BlockResult.checkpoint_payload`). ``float_path`` (default: whether the recipe contains
+    ``gptaq``) keeps the float model's activations for GPTAQ's ``fp_cross``.
+
+    Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
+    inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.
+    """
+    start = time.perf_counter()
+    family, structure = family_for(model.config), block_structure(model.config)
+    run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
+                               max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
+                               error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device)
+    was_training = model.training
+    model.eval()
+    run.capture(model, calibration_ids)
+    layers = model.get_submodule(family.layers)
+    blocks = []
+    with progress_bar(len(layers), progress) as bar:
+        for i, block in enumerate(layers):
+            result = run.step(block, i)
+            blocks.append(result)
+            bar.set_postfix(error=f"{result.output_error:.3g}")
+            bar.update()
+            if on_block is not None:
+                on_block(result)
+    embed, norm = model.get_submodule(family.embed), model.get_submodule(family.final_norm)
+    head = model.get_submodule(family.lm_head)
+    tied = head.weight is embed.weight
+    edges = run.edges(embed.weight.detach(), norm.weight.detach(), None if tied else head.weight.detach())
+    if run.rotation is not None:
+        with torch.no_grad():
+            embed.weight.copy_(edges[f"{family.embed}.weight"])
+            norm.weight.copy_(edges[f"{family.final_norm}.weight"])
+            if tied:
+                model.config.tie_word_embeddings = False
+                _set_param(head, edges[f"{family.lm_head}.weight"])
+            else:
+                head.weight.copy_(edges[f"{family.lm_head}.weight"])
+        edges = {k: model.get_parameter(k).detach() for k in edges}
+    model.train(was_training)
+    return QuantizeResult(model=model, blocks=blocks, seconds=time.perf_counter() - start,
+                          rotated=run.rotation is not None, edges=edges, config=model.config.to_dict())

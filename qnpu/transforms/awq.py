@@ -47,7 +47,8 @@ from .scale_search import (
     fake_quantize_candidates,
     pick,
 )
-from .view import BlockStructure, BlockView, LinearStats, fail
+from .stats import scale_stats
+from .view import BlockStructure, BlockView, fail
 
 
 @register_state
@@ -61,21 +62,6 @@ class AWQState(NamedTuple):
 
 
 # -- pure core ----------------------------------------------------------------------------------
-def scale_stats(st: LinearStats, s: torch.Tensor) -> LinearStats:
-    """Statistics of the input ``X' = X diag(1/s)`` given those of ``X``: ``H' = diag(1/s) H diag(1/s)``,
-    ``absmax' = absmax / s``, rows / s, ``fp_cross' = diag(1/s) fp_cross diag(1/s)``."""
-    inv = 1.0 / s.double()
-
-    def vec(t):
-        return None if t is None else (t.double() * inv).to(t.dtype)
-
-    def mat(t):
-        return None if t is None else (inv[:, None] * t.double() * inv[None, :]).to(t.dtype)
-
-    return LinearStats(hessian=mat(st.hessian), absmax=vec(st.absmax), tokens=vec(st.tokens),
-                       fp_tokens=vec(st.fp_tokens), fp_cross=mat(st.fp_cross))
-
-
 def activation_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s = x_mean^alpha`` (floored at 1e-4), divided by ``sqrt(max(s) min(s))`` so that the
     scales straddle 1; ``alpha = 0`` gives exactly ones."""

@@ -37,7 +37,8 @@ from qnpu.qcore import fake_quantize, mse
 
 from .base import QTransform, register_state, register_transform
 from .block import block_forward
-from .view import BlockStructure, BlockView, LinearStats, fail
+from .stats import scale_stats
+from .view import BlockStructure, BlockView, fail
 
 NAME = "smoothquant"
 PAIR_MODES = ("norms", "all")
@@ -139,19 +140,6 @@ def _pair_scales(view: BlockView, pair: _Pair, alpha: float) -> tuple[torch.Tens
     return scale, scale
 
 
-def _scale_stats(st: LinearStats, s: torch.Tensor) -> LinearStats:
-    inv = 1.0 / s
-
-    def vec(t):
-        return None if t is None else (t.float() * inv).to(t.dtype)
-
-    def mat(t):
-        return None if t is None else (t.float() * inv[:, None] * inv[None, :]).to(t.dtype)
-
-    return LinearStats(hessian=mat(st.hessian), absmax=vec(st.absmax), tokens=vec(st.tokens),
-                       fp_tokens=vec(st.fp_tokens), fp_cross=mat(st.fp_cross))
-
-
 def smooth(view: BlockView, pairs: list[_Pair], alpha: float) -> tuple[BlockView, dict]:
     """Fold the scales of ``alpha`` into every pair in turn (a producer such as v_proj may also be
     an earlier pair's consumer); returns the new view and ``{producer: s}``."""
@@ -164,7 +152,7 @@ def smooth(view: BlockView, pairs: list[_Pair], alpha: float) -> tuple[BlockView
             w = view.weight(c)
             params[f"{c}.weight"] = (w.float() * s_cons[None, :]).to(w.dtype)
             if c in view.stats:
-                stats[c] = _scale_stats(view.stats[c], s_cons)
+                stats[c] = scale_stats(view.stats[c], s_cons)
         if pair.is_norm:
             key = f"{pair.producer}.weight"
             g = view.params.get(key)

@@ -40,3 +40,18 @@ def block_stats(params: Mapping[str, torch.Tensor], structure: BlockStructure, x
                           online_hadamard=online_hadamard)
     return {name: linear_stats(seen[name], fp_x=None if fp_seen is None else fp_seen[name],
                                max_tokens=max_tokens) for name in structure.linears}
+
+
+def scale_stats(st: LinearStats, s: torch.Tensor) -> LinearStats:
+    """Statistics of the input ``X' = X diag(1/s)`` given those of ``X``: ``H' = diag(1/s) H diag(1/s)``,
+    ``absmax' = absmax / s``, rows / s, ``fp_cross' = diag(1/s) fp_cross diag(1/s)``."""
+    inv = 1.0 / s.double()
+
+    def vec(t):
+        return None if t is None else (t.double() * inv).to(t.dtype)
+
+    def mat(t):
+        return None if t is None else (inv[:, None] * t.double() * inv[None, :]).to(t.dtype)
+
+    return LinearStats(hessian=mat(st.hessian), absmax=vec(st.absmax), tokens=vec(st.tokens),
+                       fp_tokens=vec(st.fp_tokens), fp_cross=mat(st.fp_cross))

@@ -16,6 +16,8 @@ from qnpu.transforms import (
     awq,
     billm,
     chain,
+    gptaq,
+    gptq,
     hadamard_rotation,
     mse_scale_search,
     percentile_scales,
@@ -48,6 +50,9 @@ def _rows():
         ("hadamard-rotation", lambda w: chain(quant_specs(weight=w), hadamard_rotation(seed=3), rtn()), W4, False),
         ("rotation-offline", lambda w: chain(quant_specs(weight=w), hadamard_rotation(kind="orthogonal", online=False),
                                              rtn()), W4, False),
+        ("gptq", lambda w: chain(quant_specs(weight=w), gptq()), W4, True),
+        ("gptq-w3-group", lambda w: chain(quant_specs(weight=w), gptq(act_order=False)), W3G, True),
+        ("gptaq", lambda w: chain(quant_specs(weight=w), gptaq()), W4, True),
         ("billm", lambda w: chain(quant_specs(weight=w), billm()), QSpec(bits=1, format="binary"), True),
         ("slim_llm", lambda w: chain(quant_specs(weight=w), slim_llm(bits=3, group_size=32)), W3G, True),
     ]

@@ -31,3 +31,20 @@ def test_unsupported_hadamard_order_exits_2_with_the_reason(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "qnpu.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("qnpu ")
+
+
+def test_quantize_rejects_an_unknown_recipe_with_suggestions(capsys):
+    assert main(["quantize", "--recipe", "w4a16-gtpq", "--no-eval"]) == 2
+    assert "did you mean w4a16-gptq" in capsys.readouterr().err
+
+
+def test_quantize_rejects_a_missing_model_path(capsys, tmp_path):
+    assert main(["quantize", "--model", str(tmp_path / "nope"), "--no-eval"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_recipes_lists_every_builtin(capsys):
+    from qnpu.transforms import recipes
+
+    assert main(["recipes", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(recipes.names())

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 
 from .base import QTransform, register_state, register_transform
-from .rounding import checked_weight, quantizable
+from .rounding import checked_weight, hessian_of, quantizable
 from .view import BlockView, fail
 
 SCALE_BITS = 16
@@ -362,13 +362,10 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
             if view.specs[name].weight_qparams is not None:
                 fail("billm", view, name, "weight_qparams from a scale search are set, but BiLLM fits its own "
                      "per-row, per-block scales", "drop the scale search before billm()")
-            stats = view.stats.get(name)
-            if stats is None or stats.hessian is None:
-                fail("billm", view, name, "no input Hessian in view.stats",
-                     "calibrate first (qnpu.transforms.block_stats / linear_stats)")
+            hessian = hessian_of(view, name, "billm")
             w = checked_weight(view, name, "billm")
             try:
-                bw = billm_quantize(w, stats.hessian, block_size=block_size, salient_fraction=salient_fraction,
+                bw = billm_quantize(w, hessian, block_size=block_size, salient_fraction=salient_fraction,
                                     max_salient_fraction=max_salient_fraction, split=split,
                                     mean_offsets=mean_offsets, split_grid=split_grid, damp=damp)
             except ValueError as err:

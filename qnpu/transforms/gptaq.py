@@ -38,8 +38,8 @@ import torch
 from qnpu.qcore import QSpec, QTensor
 
 from .base import QTransform, register_transform
-from .gptq import check_options, hessian_of, sweep
-from .rounding import WeightsState, checked_weight, quantizable, store
+from .gptq import check_options, sweep
+from .rounding import WeightsState, checked_weight, hessian_of, quantizable, store
 from .view import BlockView
 
 

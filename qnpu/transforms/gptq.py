@@ -38,8 +38,8 @@ import torch
 from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize
 
 from .base import QTransform, register_transform
-from .rounding import WeightsState, checked_weight, quantizable, store
-from .view import BlockView, TransformError, fail
+from .rounding import WeightsState, checked_weight, hessian_of, quantizable, store
+from .view import BlockView, TransformError
 
 MAX_DAMP_RETRIES = 5
 _BASE = 512  # triangle sizes below which a LAPACK kernel beats splitting into GEMMs
@@ -384,15 +384,6 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_
     """
     return sweep(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
                  static_groups=static_groups, qparams=qparams, label=label)
-
-
-def hessian_of(view: BlockView, name: str, transform: str) -> torch.Tensor:
-    """``view.stats[name].hessian``, or a `TransformError` saying how to collect it."""
-    stats = view.stats.get(name)
-    if stats is None or stats.hessian is None:
-        fail(transform, view, name, "no calibration Hessian (view.stats[name].hessian is missing)",
-             "collect stats with block_stats()/linear_stats() before running it")
-    return stats.hessian
 
 
 @register_transform("gptq")

@@ -44,6 +44,15 @@ def quantizable(view: BlockView, transform: str) -> list[tuple[str, QSpec]]:
     return found
 
 
+def hessian_of(view: BlockView, name: str, transform: str) -> torch.Tensor:
+    """``view.stats[name].hessian``, or a `TransformError` saying how to collect it."""
+    stats = view.stats.get(name)
+    if stats is None or stats.hessian is None:
+        fail(transform, view, name, "no calibration Hessian (view.stats[name].hessian is missing)",
+             "collect stats with block_stats()/linear_stats() before running it")
+    return stats.hessian
+
+
 def store(view: BlockView, state: WeightsState, results: dict[str, QTensor]) -> tuple[BlockView, WeightsState]:
     """Write dequantized weights into the view and the QTensors into the state."""
     updates = {f"{n}.weight": q.dequantize(view.weight(n).dtype) for n, q in results.items()}

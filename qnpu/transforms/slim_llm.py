@@ -46,7 +46,7 @@ from qnpu.qcore import QSpec, QTensor, choose_qparams
 
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
-from .rounding import checked_weight, quantizable
+from .rounding import checked_weight, hessian_of, quantizable
 from .view import BlockView, fail
 
 
@@ -238,13 +238,10 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
         results, updates = {}, {}
         for name, spec in quantizable(view, "slim_llm"):
             _check_spec(view, name, spec, bits, group_size)
-            stats = view.stats.get(name)
-            if stats is None or stats.hessian is None:
-                fail("slim_llm", view, name, "no input Hessian in view.stats",
-                     "calibrate first (qnpu.transforms.block_stats / linear_stats)")
+            hessian = hessian_of(view, name, "slim_llm")
             w = checked_weight(view, name, "slim_llm")
             try:
-                sw = slim_llm_quantize(w, stats.hessian, spec, bits=bits, group_size=group_size, damp=damp,
+                sw = slim_llm_quantize(w, hessian, spec, bits=bits, group_size=group_size, damp=damp,
                                        sqc_grid=sqc_grid, max_pairs=max_pairs)
             except ValueError as err:
                 fail("slim_llm", view, name, str(err), "increase damp or recalibrate with more tokens")

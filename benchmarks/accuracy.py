@@ -36,7 +36,7 @@ def _markdown(data: dict) -> str:
     lines = [f"Default model ({data['model']}), baseline docs {base['docs']['ppl']:.3f} / code {base['code']['ppl']:.3f}; "
              f"calibration {data['samples']} x 512 tokens; evaluation {data['eval_tokens']} tokens per slice, windows "
              f"of 512; {data['env']}.", "",
-             "| recipe | docs ppl | vs base | code ppl | vs base | quantize s | linear weights MiB |",
+             "| recipe | docs ppl | vs base | code ppl | vs base | quantize s | linear weights MiB (incl. float lm_head) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in data["rows"]:
         d, c = row["docs"], row["code"]

@@ -6,7 +6,8 @@ write and read checkpoints bit-exactly; ``quantize_from_disk`` streams a model t
 """
 from .checkpoint import Checkpoint, CheckpointWriter
 from .default import DEFAULT_MODEL, load_default
-from .engine import BlockResult, QuantizeResult, quantize_model
+from .engine import quantize_model
+from .results import BlockResult, QuantizeResult
 from .families import Family, block_structure, family_for, supported_model_types, to_llama_config
 from .lazy import quantize_from_disk
 from .loading import load

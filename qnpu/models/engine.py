@@ -7,8 +7,9 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    forward pre-hook on ``layers[0]`` that stops the forward; the keyword arguments Hugging Face
    passes, position embeddings and attention mask, are kept and reused for every block);
 2. the *float* block runs on ``X_i`` with forward hooks on its ``nn.Linear`` modules (the only
-   hooks in qnpu), accumulating each linear input's `LinearStats`: ``H = X^T X / n`` (float32
-   sums of per-batch products), per-channel absmax and the first ``max_stat_tokens`` rows.
+   hooks in qnpu), accumulating each linear input's `LinearStats` (`capture.SiteStats`):
+   ``H = X^T X / n`` (float32 sums of per-batch products; skipped when no transform of the recipe
+   reads it, `capture.needs_hessian`), per-channel absmax and the first ``max_stat_tokens`` rows.
    When the recipe contains ``gptaq`` a float path is kept too: the float block also runs on the
    float model's own inputs ``X_fp`` (outputs of the float blocks before it), giving
    ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
@@ -40,7 +41,6 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -64,172 +64,12 @@ from qnpu.transforms import (
 )
 from qnpu.transforms.activations import static_input_qparams
 
+from .capture import SiteStats, Stop, first_output, input_sites, needs_hessian, recipe_uses, to_device
 from .families import Family, block_structure, family_for
 from .qlinear import QLinear
+from .results import BlockResult, QuantizeResult, replaced_linears
 
 _OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
-
-
-def replaced_linears(specs: Mapping[str, LinearSpec | None], online_hadamard: tuple) -> tuple[str, ...]:
-    """The linears the engine turns into `QLinear`: those with a weight or activation spec or an
-    online Hadamard rotation of their input."""
-    names = dict.fromkeys(list(specs) + list(online_hadamard))
-    return tuple(n for n in names if n in online_hadamard or (
-        specs.get(n) is not None and (specs[n].weight is not None or specs[n].activation is not None)))
-
-
-@dataclass
-class BlockResult:
-    """What one block's calibration produced (``params`` / ``qweights`` / ``act_qparams`` on CPU).
-
-    specs:        final `LinearSpec` per linear (block-relative names).
-    state:        the recipe's state pytree for this block.
-    params:       the block's final params by block-relative name (QLinear weights are the
-                  dequantized values); empty in results that `quantize_from_disk` returns.
-    qweights:     linear name -> `QTensor` (from every `WeightsState` in the state).
-    act_qparams:  linear name -> static ``(scale, zero_point)`` of its input.
-    output_error: ``||y - y_q|| / ||y||`` of the block on the calibration inputs.
-    linear_errors: linear name -> relative output error on its token sample (module docstring).
-    """
-
-    index: int
-    prefix: str
-    specs: dict
-    online_hadamard: tuple
-    state: Any
-    params: dict
-    seconds: float
-    output_error: float
-    linear_errors: dict
-    qweights: dict = field(default_factory=dict)
-    act_qparams: dict = field(default_factory=dict)
-
-    @property
-    def quantized_linears(self) -> tuple[str, ...]:
-        """Linears that became `QLinear`: a weight or activation spec, or an online Hadamard."""
-        return replaced_linears(self.specs, self.online_hadamard)
-
-    def checkpoint_payload(self) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """``(tensors, qlinears)`` in the form ``CheckpointWriter.add`` takes, labels qualified
-        with the block prefix. Linears with a quantized weight are stored as codes (their float
-        weight is left out of ``tensors``); activation-only / online-Hadamard ones keep their float
-        weight and get a ``qlinears`` entry with ``qweight=None``."""
-        qlinears = {}
-        for name in self.quantized_linears:
-            spec = self.specs.get(name)
-            qlinears[self.prefix + name] = {
-                "qweight": self.qweights.get(name), "act_spec": None if spec is None else spec.activation,
-                "act_qparams": self.act_qparams.get(name), "online_hadamard": name in self.online_hadamard}
-        tensors = {self.prefix + k: v for k, v in self.params.items()
-                   if not (k.endswith(".weight") and k.removesuffix(".weight") in self.qweights)}
-        return tensors, qlinears
-
-
-@dataclass
-class QuantizeResult:
-    """model: the input model, modified in place (None from `quantize_from_disk`); blocks: one
-    `BlockResult` per block; edges: the final embedding / final norm / lm_head tensors by full
-    name (lm_head only when untied); config: the model's HF config dict after quantization
-    (``tie_word_embeddings`` False when rotation untied the embeddings); rotated: whether the
-    residual stream is rotated."""
-
-    model: Any
-    blocks: list
-    seconds: float
-    rotated: bool
-    edges: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-    def worst_linears(self, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` linears (full labels) with the largest relative output error."""
-        found = [(b.prefix + n, e) for b in self.blocks for n, e in b.linear_errors.items()]
-        return sorted(found, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)[:k]
-
-
-def recipe_uses(recipe: QTransform, name: str) -> bool:
-    """Whether ``recipe.config`` contains a transform registered as ``name`` (at any depth)."""
-
-    def walk(node) -> bool:
-        if isinstance(node, Mapping):
-            return node.get("transform") == name or any(walk(v) for v in node.values())
-        if isinstance(node, (list, tuple)):
-            return any(walk(v) for v in node)
-        return False
-
-    return walk(recipe.config)
-
-
-# -- calibration data flow ------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by the capture hook to end the forward once layer 0's inputs are known."""
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _SiteStats:
-    """Running `LinearStats` of one linear input (shared by the linears that read it)."""
-
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        self.n = 0
-        self.gram = self.cross = self.absmax = None
-        self.tokens: list[torch.Tensor] = []
-        self.fp_tokens: list[torch.Tensor] = []
-        self.kept = 0
-
-    def add(self, x: torch.Tensor, fp_x: torch.Tensor | None) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        # float32 sums of per-batch products: a few dozen terms per entry, no float64 needed
-        if self.gram is None:
-            self.gram = rows.T @ rows
-        else:
-            self.gram.addmm_(rows.T, rows)
-        amax = rows.abs().amax(0)
-        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        take = max(0, min(self.max_tokens - self.kept, rows.shape[0]))
-        if take:
-            self.tokens.append(rows[:take].cpu().clone())
-        if fp_x is not None:
-            fp_rows = fp_x.detach().reshape(-1, x.shape[-1]).float()
-            if self.cross is None:
-                self.cross = (fp_rows - rows).T @ rows
-            else:
-                self.cross.addmm_((fp_rows - rows).T, rows)
-            if take:
-                self.fp_tokens.append(fp_rows[:take].cpu().clone())
-        self.kept += take
-        self.n += rows.shape[0]
-
-    def result(self) -> LinearStats:
-        def mean(t):
-            return None if t is None else t.div_(self.n).cpu()
-
-        return LinearStats(hessian=mean(self.gram), absmax=self.absmax.cpu(), tokens=torch.cat(self.tokens),
-                           fp_tokens=torch.cat(self.fp_tokens) if self.fp_tokens else None,
-                           fp_cross=mean(self.cross))
-
-
-def _sites(structure: BlockStructure) -> dict[str, str]:
-    """Linear -> the linear whose input it shares (readers of one RMSNorm share one input)."""
-    site = {n: n for n in structure.linears}
-    for _, readers in structure.norm_pairs:
-        for r in readers:
-            site[r] = readers[0]
-    return site
 
 
 def _run_recipe(recipe: QTransform, view: BlockView) -> tuple[BlockView, Any, dict[str, list]]:
@@ -282,7 +122,8 @@ class LayerwiseCalibration:
 
     def __init__(self, recipe: QTransform, family: Family, structure: BlockStructure, *, device="cpu",
                  batch_size: int = 8, max_stat_tokens: int = 512, block_input_sample: int = 4,
-                 error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu") -> None:
+                 error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
+                 hessian: bool | None = None) -> None:
         if not isinstance(recipe, QTransform):
             raise TypeError(f"recipe must be a QTransform (e.g. chain(...)); got {type(recipe).__name__}")
         for name, value in (("batch_size", batch_size), ("max_stat_tokens", max_stat_tokens),
@@ -294,6 +135,7 @@ class LayerwiseCalibration:
         self.batch_size, self.max_stat_tokens = batch_size, max_stat_tokens
         self.block_input_sample, self.error_tokens = block_input_sample, error_tokens
         self.float_path = recipe_uses(recipe, "gptaq") if float_path is None else bool(float_path)
+        self.hessian = needs_hessian(recipe) if hessian is None else bool(hessian)
         self.hidden: torch.Tensor | None = None
         self.fp_hidden: torch.Tensor | None = None
         self.batches: list[tuple[slice, tuple, dict]] = []
@@ -316,7 +158,7 @@ class LayerwiseCalibration:
             seen["hidden"] = args[0] if args else kwargs["hidden_states"]
             seen["args"] = tuple(args[1:])
             seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
+            raise Stop
 
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         hidden = []
@@ -326,13 +168,14 @@ class LayerwiseCalibration:
                     seen.clear()
                     try:
                         model(input_ids=ids[start:start + self.batch_size].to(embed_device), use_cache=False)
-                    except _Stop:
+                    except Stop:
                         pass
                     if "hidden" not in seen:
                         raise RuntimeError(f"the model's forward never reached {self.family.layers}.0")
                     rows = slice(start, start + seen["hidden"].shape[0])
                     hidden.append(seen["hidden"].detach().to(self.device))
-                    self.batches.append((rows, _to(seen["args"], self.device), _to(seen["kwargs"], self.device)))
+                    self.batches.append((rows, to_device(seen["args"], self.device),
+                                         to_device(seen["kwargs"], self.device)))
         finally:
             handle.remove()
         self.hidden = torch.cat(hidden)
@@ -360,7 +203,7 @@ class LayerwiseCalibration:
                 f"batch_size (now {self.batch_size}), use fewer calibration samples, or device='cpu'")
 
     def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return _output(block(x, *args, **kwargs))
+        return first_output(block(x, *args, **kwargs))
 
     def _check_params(self, block: nn.Module, prefix: str) -> None:
         for name, p in block.named_parameters():
@@ -373,8 +216,8 @@ class LayerwiseCalibration:
     def _calibrate(self, block: nn.Module, prefix: str) -> tuple[dict[str, LinearStats], torch.Tensor]:
         """Stats of every linear input of the float block on the current inputs; returns them and
         the float block's outputs (the reference for the block error). Advances the float path."""
-        sites = _sites(self.structure)
-        acc = {s: _SiteStats(self.max_stat_tokens) for s in set(sites.values())}
+        sites = input_sites(self.structure)
+        acc = {s: SiteStats(self.max_stat_tokens, self.hessian) for s in set(sites.values())}
         mode: dict = {"phase": None, "fp": {}}
 
         def make_hook(site):
@@ -458,7 +301,8 @@ class LayerwiseCalibration:
         stats, reference = self._calibrate(block, prefix)
         original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
         sample = self.hidden[: self.block_input_sample].to(self.recipe_device)
-        view = make_view(original, self.structure, _to(stats, self.recipe_device), prefix=prefix, inputs=sample)
+        view = make_view(original, self.structure, to_device(stats, self.recipe_device), prefix=prefix,
+                         inputs=sample)
         view, state, log = _run_recipe(self.recipe, view)
 
         qweights = _merged(find_states(state, WeightsState), "qweights")
@@ -551,7 +395,7 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                    batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 512,
                    block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
                    error_tokens: int = 128, float_path: bool | None = None,
-                   recipe_device="cpu") -> QuantizeResult:
+                   recipe_device="cpu", hessian: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
     block by block, calibrating on ``calibration_ids [n, seq]`` (module docstring has the flow).
 
@@ -561,7 +405,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     transforms build CPU tensors). ``on_block`` is called with each `BlockResult` as soon as the
     block is done (e.g. to stream it into a ``CheckpointWriter`` via
     `BlockResult.checkpoint_payload`). ``float_path`` (default: whether the recipe contains
-    ``gptaq``) keeps the float model's activations for GPTAQ's ``fp_cross``.
+    ``gptaq``) keeps the float model's activations for GPTAQ's ``fp_cross``; ``hessian`` (default:
+    `needs_hessian`, true unless every transform is known to ignore it) collects ``X^T X``.
 
     Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
     inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.
@@ -570,7 +415,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     family, structure = family_for(model.config), block_structure(model.config)
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
-                               error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device)
+                               error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
+                               hessian=hessian)
     was_training = model.training
     model.eval()
     run.capture(model, calibration_ids)

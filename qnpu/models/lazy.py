@@ -24,7 +24,8 @@ from torch import nn
 
 from qnpu.transforms import QTransform
 
-from .engine import BlockResult, LayerwiseCalibration, QuantizeResult, progress_bar
+from .engine import LayerwiseCalibration, progress_bar
+from .results import BlockResult, QuantizeResult
 from .families import block_structure, family_for, hf_config
 from .qlinear import QLinear
 
@@ -107,7 +108,7 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
                        on_block: Callable[[BlockResult], None], device="cpu", batch_size: int = 8,
                        progress: bool = True, max_stat_tokens: int = 512, block_input_sample: int = 4,
                        error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
-                       dtype: torch.dtype | None = None) -> QuantizeResult:
+                       hessian: bool | None = None, dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize the HF checkpoint folder ``path`` (``config.json`` + safetensors) block by block
     without loading it whole; same arguments and per-block results as `quantize_model`.
 
@@ -135,7 +136,8 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     materialize(model.get_submodule(family.embed), family.embed, index)
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
-                               error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device)
+                               error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
+                               hessian=hessian)
     run.capture(model, calibration_ids)
     layers = model.get_submodule(family.layers)
     blocks = []

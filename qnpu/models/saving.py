@@ -15,7 +15,7 @@ from torch import nn
 from qnpu.transforms import QTransform, recipe_to_dict
 
 from .checkpoint import Checkpoint, CheckpointWriter
-from .engine import QuantizeResult
+from .results import QuantizeResult
 from .families import family_for
 from .qlinear import QLinear
 

@@ -49,7 +49,8 @@ def hessian_of(view: BlockView, name: str, transform: str) -> torch.Tensor:
     stats = view.stats.get(name)
     if stats is None or stats.hessian is None:
         fail(transform, view, name, "no calibration Hessian (view.stats[name].hessian is missing)",
-             "collect stats with block_stats()/linear_stats() before running it")
+             "collect stats with block_stats()/linear_stats() before running it (quantize_model does unless "
+             "hessian=False)")
     return stats.hessian
 
 

@@ -12,7 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qnpu.qcore import QSpec
 from qnpu.models.checkpoint import Checkpoint, CheckpointWriter
-from qnpu.models.engine import BlockResult, quantize_model, recipe_uses
+from qnpu.models.capture import needs_hessian, recipe_uses
+from qnpu.models.engine import quantize_model
+from qnpu.models.results import BlockResult
 from qnpu.models.lazy import quantize_from_disk
 from qnpu.models.qlinear import QLinear
 from qnpu.transforms import (
@@ -136,6 +138,20 @@ def test_gptaq_gets_the_float_path():
         {"mlp.down_proj.weight": v.weight("mlp.down_proj") * 1.1}), s))
     quantize_model(tiny_llama(2), lossy, ids, progress=False, float_path=True)
     assert float(seen[1].stats["self_attn.q_proj"].fp_cross.abs().max()) > 0.0
+
+
+def test_the_hessian_is_collected_only_for_recipes_that_read_it():
+    assert not needs_hessian(W8A8())
+    assert not needs_hessian(chain(quant_specs(weight=QSpec(bits=4)), hadamard_rotation(seed=0), rtn()))
+    assert needs_hessian(chain(quant_specs(weight=QSpec(bits=4)), masked("*.down_proj", gptq())))
+    assert needs_hessian(spy([]))  # unregistered: may read anything
+    seen: list = []
+    record = QTransform(lambda v: EmptyState(), lambda v, s: (seen.append(v) or v, s))
+    quantize_model(tiny_llama(1), record, calibration(), progress=False, hessian=False)
+    assert all(st.hessian is None and st.absmax is not None for st in seen[0].stats.values())
+    with pytest.raises(ValueError, match="Hessian"):  # a rounder that needs it says how to get it
+        quantize_model(tiny_llama(1), chain(quant_specs(weight=QSpec(bits=4)), gptq()), calibration(),
+                       progress=False, hessian=False)
 
 
 def test_engine_stats_are_the_hessian_of_the_captured_inputs():

@@ -1,0 +1,125 @@
+"""The calibration data flow of the engine: what a recipe needs, and running statistics of linear inputs.
+
+`SiteStats` accumulates one linear input's `LinearStats` from forward hooks, batch by batch:
+``H = X^T X / n`` (the GPTQ proxy Hessian, Frantar et al. 2022; float32 sums of per-batch
+products), per-channel absmax, the first ``max_tokens`` rows, and with a float path GPTAQ's
+``fp_cross = (X_fp - X)^T X / n`` and float rows (Li et al. 2025).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from qnpu.transforms import BlockStructure, LinearStats, QTransform
+
+# registered transforms known to read no `LinearStats.hessian` (nor `fp_cross`); any other name, a
+# user's own transform included, gets the Hessian collected
+HESSIAN_FREE = frozenset({"chain", "masked", "partition", "quant_specs", "rtn", "minmax_scales",
+                          "percentile_scales", "activation_scales", "smoothquant", "awq", "hadamard_rotation"})
+
+
+def transform_names(recipe: QTransform) -> set[str]:
+    """Every registered transform name in ``recipe.config`` (at any depth)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, Mapping):
+            if isinstance(node.get("transform"), str):
+                found.add(node["transform"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(recipe.config)
+    return found
+
+
+def needs_hessian(recipe: QTransform) -> bool:
+    """Whether any transform of ``recipe`` may read ``LinearStats.hessian``: collecting it costs
+    about one more forward pass per block (``X^T X`` for every linear input). A transform built
+    without `register_transform` (``config`` None) may read anything, so it gets the Hessian."""
+    return recipe.config is None or not transform_names(recipe) <= HESSIAN_FREE
+
+
+def recipe_uses(recipe: QTransform, name: str) -> bool:
+    """Whether ``recipe.config`` contains a transform registered as ``name`` (at any depth)."""
+    return name in transform_names(recipe)
+
+
+class Stop(Exception):
+    """Raised by the capture hook to end the forward once layer 0's inputs are known."""
+
+
+def to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def first_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class SiteStats:
+    """Running `LinearStats` of one linear input (shared by the linears that read it); with
+    ``hessian=False`` the ``X^T X`` sum is skipped and ``LinearStats.hessian`` is None."""
+
+    def __init__(self, max_tokens: int, hessian: bool = True) -> None:
+        self.max_tokens, self.hessian = max_tokens, hessian
+        self.n = 0
+        self.gram = self.cross = self.absmax = None
+        self.tokens: list[torch.Tensor] = []
+        self.fp_tokens: list[torch.Tensor] = []
+        self.kept = 0
+
+    def add(self, x: torch.Tensor, fp_x: torch.Tensor | None) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        # float32 sums of per-batch products: a few dozen terms per entry, no float64 needed
+        if not self.hessian:
+            pass
+        elif self.gram is None:
+            self.gram = rows.T @ rows
+        else:
+            self.gram.addmm_(rows.T, rows)
+        amax = rows.abs().amax(0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        take = max(0, min(self.max_tokens - self.kept, rows.shape[0]))
+        if take:
+            self.tokens.append(rows[:take].cpu().clone())
+        if fp_x is not None:
+            fp_rows = fp_x.detach().reshape(-1, x.shape[-1]).float()
+            if self.cross is None:
+                self.cross = (fp_rows - rows).T @ rows
+            else:
+                self.cross.addmm_((fp_rows - rows).T, rows)
+            if take:
+                self.fp_tokens.append(fp_rows[:take].cpu().clone())
+        self.kept += take
+        self.n += rows.shape[0]
+
+    def result(self) -> LinearStats:
+        def mean(t):
+            return None if t is None else t.div_(self.n).cpu()
+
+        return LinearStats(hessian=mean(self.gram), absmax=self.absmax.cpu(), tokens=torch.cat(self.tokens),
+                           fp_tokens=torch.cat(self.fp_tokens) if self.fp_tokens else None,
+                           fp_cross=mean(self.cross))
+
+
+def input_sites(structure: BlockStructure) -> dict[str, str]:
+    """Linear -> the linear whose input it shares (readers of one RMSNorm share one input)."""
+    site = {n: n for n in structure.linears}
+    for _, readers in structure.norm_pairs:
+        for r in readers:
+            site[r] = readers[0]
+    return site
+

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p_q.add_argument("--seed", type=int, default=None,
                      help="sample calibration chunks at seeded random offsets (default: the first chunks)")
-    p_q.add_argument("--device", default="cpu", help="device for the block being calibrated: cpu | cuda | npu")
+    p_q.add_argument("--device", default="cpu", help="device for the block being calibrated: cpu | cuda[:i] | npu[:i]")
+    p_q.add_argument("--batch-size", type=int, default=8,
+                     help="calibration sequences per forward pass (default 8; lower it when memory runs out)")
     p_q.add_argument("--output", default="qnpu-out", help="checkpoint folder (default ./qnpu-out)")
     p_q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p_q.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per slice (default 20480)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                   samples=args.samples, seq_len=args.seq_len, seed=args.seed, device=args.device,
                                   output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
-                                  progress=True)
+                                  progress=True, batch_size=args.batch_size)
             print(json.dumps(report, default=str)) if args.json else _print_report(report)
             return 0
         if args.command == "eval":
@@ -138,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             data = _recipes()
         else:
             data = _info() if args.command == "info" else _hadamard(args.n)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # bad input: a message, no traceback
         print(f"qnpu {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not (isinstance(err, MemoryError) or "out of memory" in str(err).lower()):
+            raise
+        print(f"qnpu {args.command}: out of memory: {err or 'MemoryError'}\nlower --batch-size, --samples or "
+              "--seq-len, or calibrate on another --device", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"qnpu {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -1,8 +1,9 @@
 """The main jobs behind the CLI: quantize a model end to end with a report, and evaluate one.
 
-`quantize_job` loads a model, measures baseline perplexity, calibrates and quantizes it block by
-block with a recipe, saves the checkpoint (atomically) and measures the quantized perplexity.
-Everything it prints is also returned as a JSON-ready dict.
+`quantize_job` checks its arguments (recipe, device, output folder) before any work, loads a model,
+measures baseline perplexity, calibrates and quantizes it block by block with a recipe, measures
+the quantized perplexity and saves the checkpoint with the report (atomically). Everything it
+prints is also returned as a JSON-ready dict.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from qnpu.eval import perplexity, tokenize_slice
 from qnpu.models import load, quantize_model, save_quantized
+from qnpu.models.devices import resolve_device
 from qnpu.models.qlinear import QLinear
 from qnpu.transforms import QTransform, recipe_to_dict, recipes
 
@@ -33,7 +35,7 @@ def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int | None = No
     (the shared protocol) or, with a ``seed``, chunks at seeded random offsets."""
     if samples <= 0 or seq_len <= 1:
         raise ValueError(f"need samples >= 1 and seq_len >= 2; got samples={samples}, seq_len={seq_len}")
-    ids = tokenize_slice(tokenizer, "calibration")
+    ids = tokenize_slice(tokenizer, "calibration", "all")
     need = samples * seq_len
     if ids.numel() < need:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than samples x seq_len = "
@@ -72,11 +74,16 @@ def weight_bytes(model) -> dict:
 def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", group_size: int | None = None,
                  samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
-                 evaluate_result: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+                 evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
+                 batch_size: int = 8) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error."""
     start = time.perf_counter()
     transform = resolve_recipe(recipe, group_size)
+    resolve_device(device)
+    if output is not None and Path(output).exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
+                              "(--overwrite)")
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; qnpu needs one to tokenize calibration text")
@@ -87,7 +94,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
         report["baseline"] = evaluate(net, tokenizer, n_tokens=eval_tokens, progress=progress)
     before = weight_bytes(net)
     t0 = time.perf_counter()
-    result = quantize_model(net, transform, ids, device=device, progress=progress)
+    result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     report["worst_layers"] = [{"layer": label, "relative_output_error": err}
                               for label, err in result.worst_linears(5)]

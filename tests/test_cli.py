@@ -48,3 +48,32 @@ def test_recipes_lists_every_builtin(capsys):
 
     assert main(["recipes", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == set(recipes.names())
+
+
+def test_quantize_checks_device_and_output_before_loading_anything(capsys, tmp_path):
+    assert main(["quantize", "--device", "tpu", "--no-eval"]) == 2
+    assert "allowed: cpu, cuda" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    assert main(["quantize", "--output", str(tmp_path / "out"), "--no-eval"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_unreadable_weights_are_an_error_naming_the_folder(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                      "hidden_size": 8, "intermediate_size": 16,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                      "vocab_size": 16}))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert f"model at {tmp_path} could not be loaded" in capsys.readouterr().err
+
+
+def test_out_of_memory_exits_3_with_what_to_lower(capsys, monkeypatch):
+    import qnpu.jobs
+
+    def boom(**kwargs):
+        raise MemoryError("out of memory while quantizing block 3")
+
+    monkeypatch.setattr(qnpu.jobs, "quantize_job", boom)
+    assert main(["quantize", "--no-eval"]) == 3
+    assert "lower --batch-size" in capsys.readouterr().err

@@ -81,20 +81,25 @@ def perplexity(model, token_ids: torch.Tensor, window: int = WINDOW, *, progress
             "window": window, "n_dropped": token_ids.numel() - n_windows * window}
 
 
-def tokenize_slice(tokenizer, name: str, n_tokens: int | None = None) -> torch.Tensor:
+def tokenize_slice(tokenizer, name: str, n_tokens: int | str | None = None) -> torch.Tensor:
     """The first ``n_tokens`` ids (1-d long tensor) of committed slice ``name``, without BOS.
 
     ``n_tokens`` defaults to the slice's protocol length from the manifest (65,536 for
-    ``calibration``, 20,480 for ``docs`` and ``code``). The slice's sha256 is checked first.
+    ``calibration``, 20,480 for ``docs`` and ``code``); ``"all"`` gives every token the tokenizer
+    makes of the slice (another model's tokenizer may make fewer or more). The slice's sha256 is
+    checked first.
     """
     info = slice_info(name)
     n = info["n_tokens"] if n_tokens is None else n_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n_tokens must be a positive int, got {n!r}")
+    if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n_tokens must be a positive int or 'all', got {n!r}")
     ids = tokenizer(read_slice(name), add_special_tokens=False)["input_ids"]
+    if n == "all":
+        return torch.tensor(ids, dtype=torch.long)
     if len(ids) < n:
         raise ValueError(f"slice {name!r} has {len(ids)} tokens with this tokenizer, fewer than the "
-                         f"{n} asked for (the slices hold {info['n_tokens']} default-model tokens)")
+                         f"{n} asked for (the slices hold {info['n_tokens']} default-model tokens); ask for "
+                         f"at most {len(ids)} (qnpu --eval-tokens)")
     return torch.tensor(ids[:n], dtype=torch.long)
 
 

@@ -37,7 +37,8 @@ class CheckpointWriter:
                  overwrite: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; choose another output folder or pass overwrite=True")
+            raise FileExistsError(f"{self.path} exists; choose another output folder or overwrite it "
+                                  "(overwrite=True, qnpu quantize --overwrite)")
         self.tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -81,8 +82,15 @@ class CheckpointWriter:
         self.meta["extra"].update(extra or {})
         (self.tmp / "qnpu.json").write_text(json.dumps(self.meta, indent=1))
         if self.path.exists() and self.overwrite:
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+            # the old checkpoint is renamed aside, not deleted in place: an interrupt never leaves a
+            # half-deleted folder at the path (at worst the path is briefly empty, both copies kept)
+            old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -179,6 +179,9 @@ class LayerwiseCalibration:
         finally:
             handle.remove()
         self.hidden = torch.cat(hidden)
+        if not bool(torch.isfinite(self.hidden).all()):
+            raise ValueError(f"the inputs of {self.family.layers}.0 (the output of {self.family.embed}) have NaN/Inf "
+                             "values: inspect the embedding weights and the model dtype")
         self.fp_hidden = self.hidden.clone() if self.float_path else None
 
     # -- one block --------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ class LayerwiseCalibration:
     def _oom_message(self, prefix: str, index: int) -> str:
         return (f"out of memory while quantizing block {index} ({prefix.rstrip('.')}) on {self.device} "
                 f"with {self.hidden.shape[0]} calibration sequences of {self.hidden.shape[1]} tokens: lower "
-                f"batch_size (now {self.batch_size}), use fewer calibration samples, or device='cpu'")
+                f"batch_size (qnpu quantize --batch-size, now {self.batch_size}), use fewer calibration "
+                "samples (--samples), or calibrate on the CPU (device='cpu')")
 
     def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         return first_output(block(x, *args, **kwargs))

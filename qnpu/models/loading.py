@@ -1,6 +1,7 @@
 """`load(name_or_path)`: the default model, a Hugging Face folder, a GGUF file or a qnpu checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,8 +31,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
         raise FileNotFoundError(f"model path {path} does not exist; pass a Hugging Face folder, a .gguf "
                                 f"file, a qnpu checkpoint, or 'default'")
     if path.is_file() and path.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _readable(path):
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return model, tokenizer, {"name": path.stem, "kind": "gguf", "path": str(path.resolve())}
     if (path / "qnpu.json").is_file():
         model = load_quantized(path, dtype=dtype)
@@ -45,9 +47,24 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{config_file} is unreadable: {err}") from None
     family_for(raw)  # unsupported architectures fail here, listing the supported ones
-    if raw.get("model_type") in PANGU_MODEL_TYPES:
-        model = transformers.LlamaForCausalLM.from_pretrained(path, config=to_llama_config(raw), dtype=dtype)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    with _readable(path):
+        if raw.get("model_type") in PANGU_MODEL_TYPES:
+            model = transformers.LlamaForCausalLM.from_pretrained(path, config=to_llama_config(raw), dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
+            else None
     return model, tokenizer, {"name": path.name, "kind": "huggingface", "path": str(path.resolve())}
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Turn whatever the loaders raise on missing, corrupt or unreadable weight files into one
+    ValueError naming the folder (the loader's own message kept, and chained)."""
+    try:
+        yield
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers / safetensors / OS errors alike
+        raise ValueError(f"model at {path} could not be loaded ({type(err).__name__}: {err}); check that its "
+                         "weight files are complete and readable") from err

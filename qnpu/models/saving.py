@@ -15,9 +15,9 @@ from torch import nn
 from qnpu.transforms import QTransform, recipe_to_dict
 
 from .checkpoint import Checkpoint, CheckpointWriter
-from .results import QuantizeResult
-from .families import family_for
+from .families import PANGU_MODEL_TYPES, family_for, to_llama_config
 from .qlinear import QLinear
+from .results import QuantizeResult
 
 
 def _edge_tensors(result: QuantizeResult) -> dict[str, torch.Tensor]:
@@ -59,7 +59,10 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None)
 
     ckpt = Checkpoint(path)
     hf = dict(ckpt.hf_config)
-    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    if hf.get("model_type") in PANGU_MODEL_TYPES:  # streamed from disk: the raw openPangu config
+        config = to_llama_config(hf)
+    else:
+        config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     model = transformers.AutoModelForCausalLM.from_config(config)
     if dtype is not None:
         model = model.to(dtype)

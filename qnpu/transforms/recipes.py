@@ -4,7 +4,9 @@
 gives a one-line summary; ``load(path)`` reads a recipe saved as JSON or YAML
 (`qnpu.transforms.recipe_to_dict` writes that form). Weights are per-channel unless
 ``group_size`` is given; a group size that does not divide a layer's input width fails at that
-layer with the fix (576 / 128 on SmolLM2, for instance: use 64 or 32).
+layer with the fix (576 / 128 on SmolLM2, for instance: use 64 or 32). ``billm`` and ``slim-llm``
+have their own column groups (each with its own scales): ``group_size`` sets those (default 128
+for BiLLM's blocks, 64 for SliM-LLM's groups), and the weight spec itself stays per-channel.
 
 SmoothQuant in ``w8a8-dynamic``: on the default model, per-token int8 activations without smoothing
 cost +2.8% / +3.5% perplexity (docs / code, 2,048 evaluation tokens, 8 x 256 calibration tokens);
@@ -81,7 +83,7 @@ _RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
     "w4a8-hadamard": ("w4a8 after QuaRot random-Hadamard rotation (online Hadamard before down_proj)",
                       lambda g: chain(quant_specs(weight=_w(4, g), activation=A8D), hadamard_rotation(), gptq())),
     "billm": ("BiLLM ~1.1-bit binarization (salient residual + bell-shaped split)",
-              lambda g: chain(quant_specs(weight=QSpec(bits=1, format="binary")), billm())),
+              lambda g: chain(quant_specs(weight=QSpec(bits=1, format="binary")), billm(block_size=g or 128))),
     "slim-llm": ("SliM-LLM 2-bit mixed-precision groups (1/2/3 bits, mean 2), asymmetric",
                  lambda g: chain(quant_specs(weight=_w(2, None, symmetric=False)), slim_llm(bits=2, group_size=g or 64))),
 }
@@ -119,7 +121,10 @@ def load(path: str | Path) -> QTransform:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
     else:
         data = json.loads(text)
     if not isinstance(data, dict):

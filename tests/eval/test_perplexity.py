@@ -170,5 +170,6 @@ def test_tokenize_slice_returns_the_first_tokens_without_bos():
     assert ids.dtype == torch.long and ids.shape == (300,)
     assert ids.tolist() == [ord(c) for c in read_slice("code")[:300]]
     assert tokenize_slice(CharTokenizer(), "docs").numel() == 20480  # the manifest's count
+    assert tokenize_slice(CharTokenizer(), "code", "all").numel() == len(read_slice("code"))
     with pytest.raises(ValueError, match="fewer than"):
         tokenize_slice(CharTokenizer(), "docs", 10**7)

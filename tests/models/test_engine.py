@@ -262,11 +262,21 @@ def test_nan_weight_error_names_the_layer():
         quantize_model(model, W8A8(), calibration(), progress=False)
 
 
+def test_nan_embedding_is_named_before_any_block_runs():
+    model = tiny_llama(2)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5, 3] = float("inf")
+    ids = calibration()
+    ids[0, 0] = 5
+    with pytest.raises(ValueError, match=r"model\.layers\.0 \(the output of model\.embed_tokens\) have NaN/Inf"):
+        quantize_model(model, W8A8(), ids, progress=False)
+
+
 def test_out_of_memory_names_the_block_and_what_to_lower():
     seen: list = []
-    with pytest.raises(MemoryError, match=r"block 1 \(model\.layers\.1\).*batch_size \(now 3\)"):
+    with pytest.raises(MemoryError, match=r"block 1 \(model\.layers\.1\).*--batch-size, now 3\)"):
         quantize_model(tiny_llama(2), spy(seen, fail_at=1), calibration(), batch_size=3, progress=False)
-    with pytest.raises(RuntimeError, match=r"block 0 .*fewer calibration samples"):
+    with pytest.raises(RuntimeError, match=r"block 0 .*fewer calibration samples \(--samples\)"):
         quantize_model(tiny_llama(1), spy([], fail_at=0, error=lambda m: RuntimeError("CUDA out of memory")),
                        calibration(), progress=False)
 

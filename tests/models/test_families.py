@@ -10,10 +10,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from qnpu.qcore import QSpec
-from qnpu.transforms import chain, hadamard_rotation, quant_specs, smoothquant
+from qnpu.transforms import chain, hadamard_rotation, quant_specs, recipe_to_dict, smoothquant
+from qnpu.models.checkpoint import CheckpointWriter
 from qnpu.models.engine import quantize_model
 from qnpu.models.families import FAMILIES, Family, block_structure, family_for, hf_config, to_llama_config
 from qnpu.models.lazy import quantize_from_disk
+from qnpu.models.saving import load_quantized
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
@@ -112,8 +114,19 @@ def test_pangu_checkpoint_loads_and_quantizes_without_remote_code(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
     got = []
-    result = quantize_from_disk(tmp_path, chain(hadamard_rotation(seed=1)), x, on_block=got.append, progress=False)
+    recipe = chain(hadamard_rotation(seed=1))
+    result = quantize_from_disk(tmp_path, recipe, x, on_block=got.append, progress=False)
     assert len(got) == 2 and "self_attn.o_proj.bias" in got[0].params and result.rotated
+    # the streamed checkpoint keeps the raw openPangu config and still loads without remote code
+    with CheckpointWriter(tmp_path / "q", source={"path": "pangu"}, recipe=recipe_to_dict(recipe),
+                          hf_config=result.config) as writer:
+        for block in got:
+            writer.add(*block.checkpoint_payload())
+        writer.add(result.edges)
+        writer.close()
+    reloaded = load_quantized(tmp_path / "q").eval()
+    with torch.no_grad():
+        assert relative(reloaded(x).logits, model(x).logits) < 1e-4  # rotation alone keeps the function
 
 
 @pytest.mark.parametrize("name", list(configs()))

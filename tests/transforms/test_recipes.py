@@ -33,6 +33,21 @@ def test_yaml_recipe_file(tmp_path):
     assert weights.qweights["mlp.down_proj"].spec.group_size == 32
 
 
+def test_malformed_yaml_recipe_is_a_value_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("transform: chain\n  transforms: [")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        recipes.load(path)
+
+
+def test_group_size_sets_the_column_groups_of_billm_and_slim_llm():
+    def rounder(name):
+        return recipes.get(name, group_size=32).config["transforms"][-1]
+
+    assert rounder("billm")["block_size"] == 32 and rounder("slim-llm")["group_size"] == 32
+    assert recipes.get("billm").config["transforms"][-1]["block_size"] == 128
+
+
 def test_unknown_recipe_suggests_close_names():
     with pytest.raises(ValueError, match="did you mean w4a16-gptq"):
         recipes.get("w4a16-gtpq")

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p_q.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per slice (default 20480)")
     p_q.add_argument("--no-eval", action="store_true", help="skip the baseline and quantized perplexity")
+    p_q.add_argument("--stream", action="store_true",
+                     help="read a Hugging Face folder block by block and write each block straight into the "
+                          "checkpoint: memory stays about one block plus activations (no perplexity)")
     p_q.add_argument("--json", action="store_true", help="print one JSON object")
     p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint")
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                   samples=args.samples, seq_len=args.seq_len, seed=args.seed, device=args.device,
                                   output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
-                                  progress=True, batch_size=args.batch_size)
+                                  progress=True, batch_size=args.batch_size, stream=args.stream)
             print(json.dumps(report, default=str)) if args.json else _print_report(report)
             return 0
         if args.command == "eval":

@@ -7,14 +7,18 @@ prints is also returned as a JSON-ready dict.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
 from qnpu.eval import perplexity, tokenize_slice
-from qnpu.models import load, quantize_model, save_quantized
+from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
+from qnpu.models.default import default_cache_dir, load_default_tokenizer
 from qnpu.models.devices import resolve_device
+from qnpu.models.lazy import quantize_from_disk
+from qnpu.models.loading import DEFAULT_NAMES, default_source, folder_source
 from qnpu.models.qlinear import QLinear
 from qnpu.transforms import QTransform, recipe_to_dict, recipes
 
@@ -75,15 +79,23 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                  samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, stream: bool = False) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
-    wall time and the five linears with the largest output error."""
+    wall time and the five linears with the largest output error.
+
+    ``stream=True`` never holds the whole model: blocks are read one at a time from the folder's
+    safetensors (`quantize_from_disk`) and written straight into the checkpoint at ``output``;
+    there is no perplexity then (run `eval_job` on the checkpoint where it fits in memory)."""
     start = time.perf_counter()
     transform = resolve_recipe(recipe, group_size)
     resolve_device(device)
     if output is not None and Path(output).exists() and not overwrite:
         raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
                               "(--overwrite)")
+    if stream:
+        return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
+                           seq_len=seq_len, seed=seed, device=device, output=output, overwrite=overwrite,
+                           progress=progress, batch_size=batch_size, start=start)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; qnpu needs one to tokenize calibration text")
@@ -106,6 +118,55 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                               overwrite=overwrite, tokenizer=tokenizer)
         report["checkpoint"] = str(path)
     report["recipe_dict"] = recipe_to_dict(transform)
+    report["wall_seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _stream_job(model, transform: QTransform, *, recipe: str, group_size, samples: int, seq_len: int, seed,
+                device: str, output, overwrite: bool, progress: bool, batch_size: int, start: float) -> dict:
+    import transformers
+
+    if output is None:
+        raise ValueError("a streamed run writes its result only to a checkpoint: give an output folder")
+    if model in DEFAULT_NAMES:
+        load_default_tokenizer(progress=progress)  # builds the float cache folder if it is missing
+        folder, source = default_cache_dir(), default_source()
+    else:
+        folder = Path(model)
+        if not (folder / "config.json").is_file() or (folder / "qnpu.json").is_file():
+            raise ValueError(f"--stream reads a Hugging Face folder (config.json + safetensors) block by block; "
+                             f"{folder} is not one (a .gguf or a qnpu checkpoint loads whole: drop --stream)")
+        source = folder_source(folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ValueError(f"{folder} has no tokenizer files; qnpu needs one to tokenize calibration text")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = calibration_ids(tokenizer, samples, seq_len, seed)
+    report: dict = {"model": source, "recipe": recipe, "group_size": group_size, "calibration":
+                    {"samples": samples, "seq_len": seq_len, "seed": seed}, "device": device, "streamed": True}
+    sizes = {"before": 0, "linear_weights": 0}
+
+    def write(block) -> None:
+        writer.add(*block.checkpoint_payload())
+        for key, w in block.params.items():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and (name in block.qweights or w.dim() == 2):
+                sizes["before"] += w.numel() * w.element_size()
+                q = block.qweights.get(name)
+                sizes["linear_weights"] += w.numel() * w.element_size() if q is None else q.packed_nbytes
+
+    t0 = time.perf_counter()
+    with CheckpointWriter(output, source=source, recipe=recipe_to_dict(transform), overwrite=overwrite,
+                          hf_config=json.loads((folder / "config.json").read_text())) as writer:
+        result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
+                                    progress=progress)
+        report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+        report["worst_layers"] = [{"layer": label, "relative_output_error": err}
+                                  for label, err in result.worst_linears(5)]
+        report["weight_bytes"] = {**sizes, "note": "decoder-block linears only"}
+        report["recipe_dict"] = recipe_to_dict(transform)
+        writer.add(result.edges)
+        tokenizer.save_pretrained(writer.tmp)
+        report["checkpoint"] = str(writer.close(extra={"report": report}, hf_config=result.config))
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     return report
 

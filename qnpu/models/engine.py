@@ -371,6 +371,10 @@ class LayerwiseCalibration:
         """Final edge tensors by full name: rotated to match the blocks when they are rotated
         (then lm_head gets its own tensor even if it was tied: pass ``lm_head=None`` when tied)."""
         f = self.family
+        for name, t in ((f.final_norm, final_norm), (f.lm_head, lm_head)):
+            if t is not None and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and \
+                    not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}.weight has NaN/Inf values: inspect the checkpoint")
         if self.rotation is not None:
             seed, kind = self.rotation
             embed, head, norm = rotate_edges(embed, lm_head, final_norm, seed=seed, kind=kind)

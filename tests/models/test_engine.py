@@ -272,6 +272,14 @@ def test_nan_embedding_is_named_before_any_block_runs():
         quantize_model(model, W8A8(), ids, progress=False)
 
 
+def test_nan_in_the_model_head_is_named():
+    model = tiny_llama(1)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"lm_head\.weight has NaN/Inf"):
+        quantize_model(model, W8A8(), calibration(), progress=False)
+
+
 def test_out_of_memory_names_the_block_and_what_to_lower():
     seen: list = []
     with pytest.raises(MemoryError, match=r"block 1 \(model\.layers\.1\).*--batch-size, now 3\)"):

@@ -1,6 +1,7 @@
 """Perplexity of every built-in recipe on the default model (the shared protocol of DESIGN.md).
 
     python benchmarks/accuracy.py [--recipes w8a8-dynamic,w4a16-gptq] [--samples 128] [--eval-tokens 20480]
+    python benchmarks/accuracy.py --merge a.json,b.json   # rows of runs made in parallel (--out a, --out b)
 
 Calibration: the first ``samples`` x 512 tokens of the calibration slice; evaluation: both slices,
 windows of 512. Results are rewritten after every recipe (a long run that is interrupted keeps
@@ -50,6 +51,25 @@ def _markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge(paths: list[Path], out: Path) -> int:
+    runs = [json.loads(p.read_text()) for p in paths]
+    setups = {(r["samples"], r["eval_tokens"]) for r in runs}
+    if len(setups) != 1:
+        raise SystemExit(f"cannot merge runs with different (samples, eval_tokens): {sorted(setups)}")
+    data = {**runs[0], "rows": []}
+    if len(runs) > 1:
+        data["env"] += f"; rows from {len(runs)} runs made side by side (timings include that contention)"
+    for run in runs:  # later files win for a recipe measured twice
+        labels = {r["recipe"] for r in run["rows"]}
+        data["rows"] = [r for r in data["rows"] if r["recipe"] not in labels] + run["rows"]
+    order = {name: i for i, name in enumerate(recipes.names())}
+    data["rows"].sort(key=lambda r: (order.get(r["recipe"].split(" ")[0], len(order)), r["recipe"]))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(_markdown(data))
+    print(_markdown(data))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", default=",".join(recipes.names()))
@@ -57,9 +77,13 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=20480)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "accuracy"))
+    parser.add_argument("--merge", default=None, help="comma-separated result JSONs (same samples and eval tokens) "
+                        "to combine into --out instead of running anything")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return _merge([Path(p) for p in args.merge.split(",")], out)
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     model, tokenizer, source = load(None)
     env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"

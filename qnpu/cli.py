@@ -50,6 +50,20 @@ def _emit(data: dict, as_json: bool) -> None:
             print(f"{key:<{width}}  {value}")
 
 
+def _print_families(tables: dict) -> None:
+    for t in tables.values():
+        print(f"{t['name']} (model_type {', '.join(t['model_types'])}): blocks {t['layers']}.N, "
+              f"edges {', '.join(t['edges'].values())}")
+        print(f"  linears          {', '.join(t['linears'])}")
+        for label in ("biases", "qk_norms"):
+            if t[label]:
+                print(f"  {label:<16} {', '.join(t[label])}")
+        pairs = "; ".join(f"{a} -> {', '.join(b)}" for a, b in t["smoothing_pairs"])
+        print(f"  smoothing pairs  {pairs}")
+        for key, paths in t["rotation"].items():
+            print(f"  {key.replace('_', ' '):<16} {', '.join(paths)}")
+
+
 def _recipes() -> dict:
     from qnpu.transforms import recipes
 
@@ -107,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
     p_r = sub.add_parser("recipes", help="list the built-in recipes")
     p_r.add_argument("--json", action="store_true", help="print one JSON object")
+    p_f = sub.add_parser("families", help="the supported model families and their structure tables")
+    p_f.add_argument("--json", action="store_true", help="print one JSON object")
     p_info = sub.add_parser("info", help="show versions and available accelerators")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
     p_h = sub.add_parser("hadamard", help="show how a Hadamard matrix of order N is constructed")
@@ -141,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                         **{f"ppl {k}": round(v["ppl"], 4) for k, v in data["perplexity"].items()}}
         elif args.command == "recipes":
             data = _recipes()
+        elif args.command == "families":
+            from qnpu.models.families import FAMILIES
+
+            data = {f.name: f.table() for f in FAMILIES}
+            if not args.json:
+                _print_families(data)
+                return 0
         else:
             data = _info() if args.command == "info" else _hadamard(args.n)
     except (ValueError, OSError) as err:  # bad input: a message, no traceback

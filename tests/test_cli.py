@@ -77,3 +77,12 @@ def test_out_of_memory_exits_3_with_what_to_lower(capsys, monkeypatch):
     monkeypatch.setattr(qnpu.jobs, "quantize_job", boom)
     assert main(["quantize", "--no-eval"]) == 3
     assert "lower --batch-size" in capsys.readouterr().err
+
+
+def test_families_lists_every_table(capsys):
+    assert main(["families", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"llama", "mistral", "qwen2", "qwen3", "openpangu-embedded"} <= set(data)
+    assert data["qwen3"]["qk_norms"] == ["self_attn.q_norm", "self_attn.k_norm"]
+    assert main(["families"]) == 0
+    assert "smoothing pairs  input_layernorm -> self_attn.q_proj" in capsys.readouterr().out

@@ -76,6 +76,22 @@ class Family:
         """Block-relative paths of every linear, in `BlockStructure.linears` order."""
         return tuple(self.roles[r] for r in LINEAR_ROLES)
 
+    def table(self) -> dict:
+        """The family's full structure table as plain data (block-relative module paths): every
+        linear, the smoothing pairs (norm -> q/k/v, norm -> gate/up, v -> o, up -> down), the
+        residual rotation sites (readers rotate their input, writers their output), the per-head
+        rotation pair and the online-rotation point, as the transforms use them."""
+        s = BlockStructure(hidden_size=1, intermediate_size=1, num_heads=1, num_kv_heads=1, head_dim=1,
+                           **dict(self.roles))
+        return {"name": self.name, "model_types": list(self.model_types), "layers": self.layers,
+                "edges": {"embed": self.embed, "final_norm": self.final_norm, "lm_head": self.lm_head},
+                "linears": list(s.linears), "biases": [self.roles[r] for r in self.biases],
+                "qk_norms": [n for n in (s.q_norm, s.k_norm) if n],
+                "smoothing_pairs": [[a, list(b)] for a, b in s.norm_pairs + s.linear_pairs],
+                "rotation": {"residual_readers": list(s.residual_readers),
+                             "residual_writers": list(s.residual_writers),
+                             "per_head": [s.v, s.o], "online_hadamard": [s.down]}}
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="llama", model_types=("llama",)),

@@ -80,6 +80,17 @@ def test_table_covers_every_linear_and_norm_of_a_block(name):
     table = family_for(PANGU) if name == "openpangu-embedded" else family  # Pangu runs as Llama
     assert table.name == name and table.linears == family.linears
     assert with_bias == {table.roles[r] for r in table.biases}
+    # the rendered table names modules that exist, with the pairs wired by data flow
+    t = table.table()
+    assert set(t["linears"]) == linears and set(t["biases"]) == with_bias
+    pairs = dict((a, tuple(b)) for a, b in t["smoothing_pairs"])
+    assert pairs[family.roles["attn_norm"]] == tuple(family.roles[r] for r in ("q", "k", "v"))
+    assert pairs[family.roles["mlp_norm"]] == (family.roles["gate"], family.roles["up"])
+    assert pairs[family.roles["v"]] == (family.roles["o"],) and pairs[family.roles["up"]] == (family.roles["down"],)
+    for module in list(pairs) + t["qk_norms"] + [m for ms in t["rotation"].values() for m in ms]:
+        block.get_submodule(module)
+    assert set(t["rotation"]["residual_readers"]) | set(t["rotation"]["residual_writers"]) == linears
+    assert t["rotation"]["online_hadamard"] == [family.roles["down"]]
 
 
 @pytest.mark.parametrize("name", list(configs()))

@@ -2,7 +2,8 @@
 
 `SiteStats` accumulates one linear input's `LinearStats` from forward hooks, batch by batch:
 ``H = X^T X / n`` (the GPTQ proxy Hessian, Frantar et al. 2022; float32 sums of per-batch
-products), per-channel absmax, the first ``max_tokens`` rows, and with a float path GPTAQ's
+products), per-channel absmax, a fixed-seed uniform sample of ``max_tokens`` rows over all
+calibration tokens (searches such as AWQ's score on it), and with a float path GPTAQ's
 ``fp_cross = (X_fp - X)^T X / n`` and float rows (Li et al. 2025).
 """
 from __future__ import annotations
@@ -73,8 +74,15 @@ class SiteStats:
     """Running `LinearStats` of one linear input (shared by the linears that read it); with
     ``hessian=False`` the ``X^T X`` sum is skipped and ``LinearStats.hessian`` is None."""
 
-    def __init__(self, max_tokens: int, hessian: bool = True) -> None:
+    def __init__(self, max_tokens: int, hessian: bool = True, total_rows: int | None = None) -> None:
         self.max_tokens, self.hessian = max_tokens, hessian
+        # which rows the token sample keeps: with ``total_rows`` known, a fixed-seed uniform sample
+        # over all calibration tokens (every sequence and position, sequence starts at their true
+        # 1-in-seq_len rate); without it, the first ``max_tokens`` rows
+        self.keep = None
+        if total_rows is not None and total_rows > max_tokens:
+            pick = torch.randperm(total_rows, generator=torch.Generator().manual_seed(0))[:max_tokens]
+            self.keep = torch.sort(pick).values
         self.n = 0
         self.gram = self.cross = self.absmax = None
         self.tokens: list[torch.Tensor] = []
@@ -92,9 +100,14 @@ class SiteStats:
             self.gram.addmm_(rows.T, rows)
         amax = rows.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        take = max(0, min(self.max_tokens - self.kept, rows.shape[0]))
+        if self.keep is None:
+            take = max(0, min(self.max_tokens - self.kept, rows.shape[0]))
+            index = torch.arange(take, device=rows.device)
+        else:
+            inside = self.keep[(self.keep >= self.n) & (self.keep < self.n + rows.shape[0])]
+            index, take = (inside - self.n).to(rows.device), inside.numel()
         if take:
-            self.tokens.append(rows[:take].cpu().clone())
+            self.tokens.append(rows[index].cpu())
         if fp_x is not None:
             fp_rows = fp_x.detach().reshape(-1, x.shape[-1]).float()
             if self.cross is None:
@@ -102,7 +115,7 @@ class SiteStats:
             else:
                 self.cross.addmm_((fp_rows - rows).T, rows)
             if take:
-                self.fp_tokens.append(fp_rows[:take].cpu().clone())
+                self.fp_tokens.append(fp_rows[index].cpu())
         self.kept += take
         self.n += rows.shape[0]
 

@@ -9,7 +9,8 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
 2. the *float* block runs on ``X_i`` with forward hooks on its ``nn.Linear`` modules (the only
    hooks in qnpu), accumulating each linear input's `LinearStats` (`capture.SiteStats`):
    ``H = X^T X / n`` (float32 sums of per-batch products; skipped when no transform of the recipe
-   reads it, `capture.needs_hessian`), per-channel absmax and the first ``max_stat_tokens`` rows.
+   reads it, `capture.needs_hessian`), per-channel absmax and a fixed-seed uniform sample of
+   ``max_stat_tokens`` rows over all calibration tokens.
    When the recipe contains ``gptaq`` a float path is kept too: the float block also runs on the
    float model's own inputs ``X_fp`` (outputs of the float blocks before it), giving
    ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
@@ -221,7 +222,8 @@ class LayerwiseCalibration:
         """Stats of every linear input of the float block on the current inputs; returns them and
         the float block's outputs (the reference for the block error). Advances the float path."""
         sites = input_sites(self.structure)
-        acc = {s: SiteStats(self.max_stat_tokens, self.hessian) for s in set(sites.values())}
+        total = self.hidden.shape[0] * self.hidden.shape[1]
+        acc = {s: SiteStats(self.max_stat_tokens, self.hessian, total) for s in set(sites.values())}
         mode: dict = {"phase": None, "fp": {}}
 
         def make_hook(site):

@@ -122,7 +122,7 @@ class LayerwiseCalibration:
     far. Use: `capture` once, then `step` on every block in order, then `edges`."""
 
     def __init__(self, recipe: QTransform, family: Family, structure: BlockStructure, *, device="cpu",
-                 batch_size: int = 8, max_stat_tokens: int = 512, block_input_sample: int = 4,
+                 batch_size: int = 8, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                  error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
                  hessian: bool | None = None) -> None:
         if not isinstance(recipe, QTransform):
@@ -402,7 +402,7 @@ def _set_param(module: nn.Module, value: torch.Tensor) -> None:
 
 
 def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.Tensor, *, device="cpu",
-                   batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 512,
+                   batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 2048,
                    block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
                    error_tokens: int = 128, float_path: bool | None = None,
                    recipe_device="cpu", hessian: bool | None = None) -> QuantizeResult:

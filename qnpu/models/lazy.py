@@ -106,7 +106,7 @@ def _config_dtype(config: dict) -> torch.dtype:
 
 def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_ids: torch.Tensor, *,
                        on_block: Callable[[BlockResult], None], device="cpu", batch_size: int = 8,
-                       progress: bool = True, max_stat_tokens: int = 512, block_input_sample: int = 4,
+                       progress: bool = True, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                        error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
                        hessian: bool | None = None, dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize the HF checkpoint folder ``path`` (``config.json`` + safetensors) block by block

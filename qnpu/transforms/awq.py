@@ -158,7 +158,7 @@ def _check_int(name: str, value, lowest: int) -> None:
 
 @register_transform("awq")
 def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float = 0.5,
-        max_tokens: int = 256) -> QTransform:
+        max_tokens: int = 2048) -> QTransform:
     """AWQ scaling (and clipping) of the block's smoothing pairs; see the module docstring.
 
     A pair is processed when all its consumers are targets; each must have a weight spec

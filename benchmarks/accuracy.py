@@ -44,6 +44,10 @@ def _markdown(data: dict) -> str:
         lines.append(f"| {row['recipe']} | {d:.3f} | {100 * (d / base['docs']['ppl'] - 1):+.2f}% | {c:.3f} | "
                      f"{100 * (c / base['code']['ppl'] - 1):+.2f}% | {row['quantize_seconds']:.1f} | "
                      f"{row['linear_weight_bytes'] / 2**20:.1f} |")
+    if any(r["recipe"].split(" ")[0] in ("billm", "slim-llm") for r in data["rows"]):
+        lines += ["", "billm and slim-llm checkpoints hold their dequantized weights in float (no packed format for "
+                  "binarized or mixed-precision groups yet), so their weight column is the float size; their own "
+                  "budgets: BiLLM about 1.1 bits per weight by the paper's count, SliM-LLM a mean of 2 bits."]
     lines += ["", "Peer reference (llm-compressor, same protocol):", "", "| setting | docs | code | seconds |",
               "|---|---:|---:|---:|"]
     lines += [f"| {k} | {d:.3f} | {c:.3f} | {s} |" for k, (d, c, s) in PEER.items()]

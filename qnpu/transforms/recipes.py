@@ -8,9 +8,13 @@ layer with the fix (576 / 128 on SmolLM2, for instance: use 64 or 32). ``billm``
 have their own column groups (each with its own scales): ``group_size`` sets those (default 128
 for BiLLM's blocks, 64 for SliM-LLM's groups), and the weight spec itself stays per-channel.
 
-SmoothQuant in ``w8a8-dynamic``: on the default model, per-token int8 activations without smoothing
-cost +2.8% / +3.5% perplexity (docs / code, 2,048 evaluation tokens, 8 x 256 calibration tokens);
-alpha 0.5 over all four pairs +1.3% / +1.1%; alpha 0.8 +4.1% / +4.4%.
+``w8a8-dynamic`` rotates offline (QuaRot's residual and per-head rotations folded into the weights,
+Ashkboos et al. 2024) so per-token int8 activations lose little, with nothing to run at inference
+beyond a standard W8A8-dynamic matmul (the embedding and lm_head get untied). On the default model
+with the shared protocol (128 x 512 calibration, 20,480 evaluation tokens per slice): +0.86% / +0.80%
+perplexity (docs / code); SmoothQuant alpha 0.5 on all four pairs instead: +1.26% / +1.23%; no
+smoothing at all: +2.8% / +3.5% (on 2,048 tokens). With the online Hadamard before down_proj and
+SmoothQuant 0.5 on the norms it reaches +0.44% / +0.30%, at the price of an online rotation.
 
 Activation specs: ``A8D`` is per-token dynamic symmetric int8 (``npu_dynamic_quant``); ``A8S`` is
 static per-tensor symmetric int8 (``npu_quantize``). In ``w8a8``, down_proj keeps per-token
@@ -59,9 +63,9 @@ _RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
              lambda g: chain(quant_specs(weight=_w(8, g), activation=A8S),
                              masked("*.mlp.down_proj", quant_specs(activation=A8D)),
                              smoothquant(alpha=0.8), activation_scales(), rtn())),
-    "w8a8-dynamic": ("int8 per-channel weights (RTN), per-token dynamic int8 activations after SmoothQuant 0.5 "
-                     "(all four smoothing pairs)",
-                     lambda g: chain(quant_specs(weight=_w(8, g), activation=A8D), smoothquant(alpha=0.5, pairs="all"),
+    "w8a8-dynamic": ("int8 per-channel weights (RTN), per-token dynamic int8 activations after an offline "
+                     "random-Hadamard rotation (residual stream + per-head V/O; no online rotation)",
+                     lambda g: chain(quant_specs(weight=_w(8, g), activation=A8D), hadamard_rotation(online=False),
                                      rtn())),
     "w8a16": ("int8 per-channel weights (RTN), float activations",
               lambda g: chain(quant_specs(weight=_w(8, g)), rtn())),

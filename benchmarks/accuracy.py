@@ -62,7 +62,9 @@ def _merge(paths: list[Path], out: Path) -> int:
         raise SystemExit(f"cannot merge runs with different (samples, eval_tokens): {sorted(setups)}")
     data = {**runs[0], "rows": []}
     if len(runs) > 1:
-        data["env"] += f"; rows from {len(runs)} runs made side by side (timings include that contention)"
+        envs = dict.fromkeys(r["env"] for r in runs)
+        data["env"] = " / ".join(envs) + f"; rows from {len(runs)} runs, some side by side (timings include that " \
+            "contention)"
     for run in runs:  # later files win for a recipe measured twice
         labels = {r["recipe"] for r in run["rows"]}
         data["rows"] = [r for r in data["rows"] if r["recipe"] not in labels] + run["rows"]

@@ -73,6 +73,12 @@ from .results import BlockResult, QuantizeResult, replaced_linears
 _OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf: one float32 sum (far cheaper than isfinite on bf16; NaN/Inf
+    always reach it) and the elementwise check only when the sum overflowed or is not finite."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def _run_recipe(recipe: QTransform, view: BlockView) -> tuple[BlockView, Any, dict[str, list]]:
     """Run the recipe and log every tensor it writes through ``with_params`` (in order), so the
     engine knows the float weight each rounder received (the value before its final write)."""
@@ -212,9 +218,7 @@ class LayerwiseCalibration:
 
     def _check_params(self, block: nn.Module, prefix: str) -> None:
         for name, p in block.named_parameters():
-            # one float32 sum is far cheaper than isfinite on bf16; NaN/Inf always reach the sum
-            if p.is_floating_point() and not (bool(torch.isfinite(p.sum(dtype=torch.float32)))
-                                              or bool(torch.isfinite(p).all())):
+            if p.is_floating_point() and not _all_finite(p):
                 raise ValueError(f"block {prefix.rstrip('.')}: parameter {prefix}{name} has NaN/Inf values; "
                                  "quantization needs finite weights: inspect the checkpoint")
 
@@ -374,8 +378,7 @@ class LayerwiseCalibration:
         (then lm_head gets its own tensor even if it was tied: pass ``lm_head=None`` when tied)."""
         f = self.family
         for name, t in ((f.final_norm, final_norm), (f.lm_head, lm_head)):
-            if t is not None and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and \
-                    not bool(torch.isfinite(t).all()):
+            if t is not None and not _all_finite(t):
                 raise ValueError(f"{name}.weight has NaN/Inf values: inspect the checkpoint")
         if self.rotation is not None:
             seed, kind = self.rotation

@@ -86,8 +86,19 @@ def _print_report(report: dict) -> None:
     print("largest output error:")
     for row in report["worst_layers"]:
         print(f"  {row['relative_output_error']:.4f}  {row['layer']}")
+    if "lowered" in report:
+        _print_lowered(report["lowered"], report.get("quantized", {}))
     if "checkpoint" in report:
         print(f"saved    {report['checkpoint']}")
+
+
+def _print_lowered(low: dict, simulated: dict) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in low["schemes"].items())
+    print(f"lowered  target {low['target']}: {counts}")
+    for name, row in low.get("perplexity", {}).items():
+        sim = simulated.get(name, {}).get("ppl")
+        delta = f"  ({100 * (row['ppl'] / sim - 1):+.3f}% vs simulated {sim:.3f})" if sim else ""
+        print(f"ppl {name:<5}lowered {row['ppl']:.3f}{delta}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--stream", action="store_true",
                      help="read a Hugging Face folder block by block and write each block straight into the "
                           "checkpoint: memory stays about one block plus activations (no perplexity)")
+    p_q.add_argument("--lowered", default=None, metavar="TARGET",
+                     help="also lower to integer ops (reference | ascend) and report that perplexity")
     p_q.add_argument("--json", action="store_true", help="print one JSON object")
     p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint")
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
     p_e.add_argument("--slices", default="docs,code", help="comma-separated evaluation slices")
     p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
+    p_e.add_argument("--lowered", default=None, metavar="TARGET",
+                     help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
     p_r = sub.add_parser("recipes", help="list the built-in recipes")
     p_r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -145,16 +160,23 @@ def main(argv: list[str] | None = None) -> int:
                                   samples=args.samples, seq_len=args.seq_len, seed=args.seed, device=args.device,
                                   output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
-                                  progress=True, batch_size=args.batch_size, stream=args.stream)
+                                  progress=True, batch_size=args.batch_size, stream=args.stream,
+                                  lowered=args.lowered)
             print(json.dumps(report, default=str)) if args.json else _print_report(report)
             return 0
         if args.command == "eval":
             from qnpu.jobs import eval_job
 
-            data = eval_job(model=args.model, slices=tuple(args.slices.split(",")), eval_tokens=args.eval_tokens)
+            data = eval_job(model=args.model, slices=tuple(args.slices.split(",")), eval_tokens=args.eval_tokens,
+                            lowered=args.lowered)
             if not args.json:
+                low = data.get("lowered")
                 data = {"model": data["model"]["name"],
-                        **{f"ppl {k}": round(v["ppl"], 4) for k, v in data["perplexity"].items()}}
+                        **{f"ppl {k}": round(v["ppl"], 4) for k, v in data["perplexity"].items()},
+                        **({f"lowered {low['target']} ppl {k}": round(v["ppl"], 4)
+                            for k, v in low["perplexity"].items()} if low else {}),
+                        **({"lowered schemes": ", ".join(f"{n} {s}" for s, n in low["schemes"].items())}
+                           if low else {})}
         elif args.command == "recipes":
             data = _recipes()
         elif args.command == "families":

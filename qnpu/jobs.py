@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from qnpu.eval import perplexity, tokenize_slice
+from qnpu.lowering import check_target, lower, plan, scheme_counts
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
 from qnpu.models.default import default_cache_dir, load_default_tokenizer
 from qnpu.models.devices import resolve_device
@@ -79,16 +80,25 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                  samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
-                 batch_size: int = 8, stream: bool = False) -> dict:
+                 batch_size: int = 8, stream: bool = False, lowered: str | None = None) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error.
 
     ``stream=True`` never holds the whole model: blocks are read one at a time from the folder's
     safetensors (`quantize_from_disk`) and written straight into the checkpoint at ``output``;
-    there is no perplexity then (run `eval_job` on the checkpoint where it fits in memory)."""
+    there is no perplexity then (run `eval_job` on the checkpoint where it fits in memory).
+
+    ``lowered="reference"`` also lowers the quantized model to integer ops (`qnpu.lowering.lower`)
+    and reports its perplexity beside the simulated one; the target is checked before any work and
+    the layers' schemes right after quantization, before anything is evaluated or saved."""
     start = time.perf_counter()
     transform = resolve_recipe(recipe, group_size)
     resolve_device(device)
+    if lowered is not None:
+        if stream:
+            raise ValueError("--lowered needs the whole quantized model in memory; drop --stream (or run "
+                             "`qnpu eval CHECKPOINT --lowered ...` on the streamed checkpoint)")
+        check_target(lowered)
     if output is not None and Path(output).exists() and not overwrite:
         raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
                               "(--overwrite)")
@@ -111,15 +121,29 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     report["worst_layers"] = [{"layer": label, "relative_output_error": err}
                               for label, err in result.worst_linears(5)]
     report["weight_bytes"] = {"before": before["linear_weights"], **weight_bytes(net)}
+    schemes = plan(net, lowered) if lowered is not None else None
     if evaluate_result:
         report["quantized"] = evaluate(net, tokenizer, n_tokens=eval_tokens, progress=progress)
     if output is not None:
         path = save_quantized(result, output, source=source, recipe=transform, report=report,
                               overwrite=overwrite, tokenizer=tokenizer)
         report["checkpoint"] = str(path)
+    if lowered is not None:
+        report["lowered"] = lowered_report(net, tokenizer, lowered, schemes, eval_tokens if evaluate_result else 0,
+                                           progress)
     report["recipe_dict"] = recipe_to_dict(transform)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def lowered_report(net, tokenizer, target: str, schemes: dict, eval_tokens: int | None, progress: bool) -> dict:
+    """Lower ``net`` for ``target`` and measure its perplexity (``eval_tokens=0``: no evaluation)."""
+    t0 = time.perf_counter()
+    low = lower(net, target)
+    out = {"target": target, "schemes": scheme_counts(schemes), "lower_seconds": round(time.perf_counter() - t0, 2)}
+    if eval_tokens != 0:
+        out["perplexity"] = evaluate(low, tokenizer, n_tokens=eval_tokens, progress=progress)
+    return out
 
 
 def _stream_job(model, transform: QTransform, *, recipe: str, group_size, samples: int, seq_len: int, seed,
@@ -172,9 +196,18 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
 
 
 def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,
-             progress: bool = True) -> dict:
-    """Perplexity of a model or a qnpu checkpoint on the evaluation slices."""
+             progress: bool = True, lowered: str | None = None) -> dict:
+    """Perplexity of a model or a qnpu checkpoint on the evaluation slices; with ``lowered``, also
+    that of the checkpoint lowered to integer ops for that target (checked before loading)."""
+    if lowered is not None:
+        check_target(lowered)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
-    return {"model": source, "perplexity": evaluate(net, tokenizer, slices, eval_tokens, progress)}
+    schemes = plan(net, lowered) if lowered is not None else None
+    out = {"model": source, "perplexity": evaluate(net, tokenizer, slices, eval_tokens, progress)}
+    if lowered is not None:
+        low = lower(net, lowered)
+        out["lowered"] = {"target": lowered, "schemes": scheme_counts(schemes),
+                          "perplexity": evaluate(low, tokenizer, slices, eval_tokens, progress)}
+    return out

@@ -96,3 +96,17 @@ def lower(model: nn.Module, target: str = "reference") -> nn.Module:
         parent, _, child = label.rpartition(".")
         setattr(new.get_submodule(parent) if parent else new, child, lowered)
     return new
+
+
+def check_target(target: str) -> None:
+    """Fail early (before loading or quantizing anything) on an unknown target or a missing backend."""
+    if target not in TARGETS:
+        raise LoweringError(f"target={target!r} does not exist; allowed: {' | '.join(sorted(TARGETS))}")
+    TARGETS[target].prepare()
+
+
+def scheme_counts(schemes: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in schemes.values():
+        out[s] = out.get(s, 0) + 1
+    return out

@@ -72,8 +72,8 @@ def _check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtyp
     try:
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     except RuntimeError:
-        raise ValueError(f"qnpu.{op}: the batch shapes {tuple(x1.shape[:-2])} and {tuple(x2.shape[:-2])} "
-                         "cannot be broadcast") from None
+        batch = None
+    require(batch is not None, op, f"the batch shapes {tuple(x1.shape[:-2])} and {tuple(x2.shape[:-2])} cannot be broadcast")
     out = torch.int8 if output_dtype is None else output_dtype
     require(out in _OUT_MM, op, f"output_dtype={output_dtype} is not implemented by the reference; allowed: "
             "torch.int8, torch.float16, torch.bfloat16 (torch.float32: reference only)")
@@ -103,6 +103,10 @@ def _check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtyp
                 "a float16 bias needs pertoken_scale and output_dtype=torch.float16")
         require(bias.dim() == 1 and bias.shape[0] == n or bias.dim() == 3 and bias.shape[1:] == (1, n), op,
                 f"bias must be (n,)=({n},) or (batch, 1, n); got {tuple(bias.shape)}")
+        if bias.dim() == 3:
+            require(len(batch) == 1, op, f"a 3-d bias needs a 3-d output; the output has {len(batch) + 2} dims")
+            require(bias.shape[0] == batch[0], op, f"a 3-d bias's batch dim ({bias.shape[0]}) must equal the "
+                    f"broadcast batch of x1 and x2 ({batch[0]})")
     return (*batch, x1.shape[-2], n), out
 
 

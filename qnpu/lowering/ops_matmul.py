@@ -1,8 +1,10 @@
 """Reference kernels of the quantized matmuls: ``npu_quant_matmul`` and ``npu_weight_quant_batchmatmul``.
 
-Integer products are accumulated exactly: int8 x int8 sums over K <= 65535 stay below 2^31 and
-are computed in float64, where every such partial sum is an exact integer (a BLAS path on any
-device, unlike integer matmul). The epilogues then follow the NPU's order in fp32.
+Integer products are accumulated exactly, on a BLAS path that runs on any device (unlike integer
+matmul): K is split into chunks of 1024, each multiplied in float32 (every partial sum of 1024
+products of int8 values is an integer of magnitude <= 1024 * 128^2 = 2^24, so exact in float32
+whatever the summation order), and the chunks are added in float64 (the int32 accumulator's
+value). The epilogues then follow the NPU's order in fp32.
 """
 from __future__ import annotations
 
@@ -18,9 +20,18 @@ A8W4_GROUP = 256
 _OUT_MM = (torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
+EXACT_CHUNK = 1024
+
+
 def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact integer matmul (batched, broadcast) as float64."""
-    return torch.matmul(a.to(torch.float64), b.to(torch.float64))
+    """Exact matmul (batched, broadcast) of integer tensors whose products are <= 2^14 in magnitude, as float64."""
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    k = a.shape[-1]
+    out = None
+    for start in range(0, k, EXACT_CHUNK):
+        part = torch.matmul(a[..., start:start + EXACT_CHUNK], b[..., start:start + EXACT_CHUNK, :]).to(torch.float64)
+        out = part if out is None else out + part
+    return out
 
 
 def _cast_out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +124,7 @@ def _check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtyp
 def _a8w4(x1, x2, scale, offset, pertoken_scale, out):
     w = unpack_int4(x2, dim=-1)                          # (k, n) int4 values
     s2 = decode_deq_scale(scale)[0]                      # (k / 256, n) fp32
-    x = x1.to(torch.int16) - 8                           # the MSD split leaves out the "+8" term
+    x = x1.to(torch.int16) - 8                           # the MSD split leaves out the "+8" term (|x| <= 136)
     y = torch.zeros(x1.shape[0], w.shape[1], dtype=torch.float32, device=x1.device)
     for g in range(s2.shape[0]):
         ks = slice(g * A8W4_GROUP, (g + 1) * A8W4_GROUP)

@@ -457,3 +457,17 @@ def test_fake_kernel_matches_real(case):
     real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
     torch.library.opcheck(op, args, kw, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("k", [1, 1024, 1025, 4099])
+def test_integer_accumulation_is_exact_for_any_k(k):
+    """The float32 chunks must not round: extreme int8 values make every partial sum as large as possible."""
+    from qnpu.lowering.ops_matmul import _int_matmul
+    g = _gen(k)
+    a = _randint(-128, 127, (3, k), g)
+    a[0], a[1] = -128, -127
+    b = _randint(-128, 127, (k, 5), g)
+    b[:, 0], b[:, 1] = -128, -127   # sums of odd products (127^2) near 2^26 would round in one float32 matmul
+    want = a.to(torch.int64) @ b.to(torch.int64)
+    got = _int_matmul(a, b)
+    assert got.dtype == torch.float64 and torch.equal(got.to(torch.int64), want)

@@ -96,6 +96,8 @@ def _check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtyp
     require(scale.dtype != torch.bfloat16 or out == torch.bfloat16, op,
             f"a bfloat16 scale needs output_dtype=torch.bfloat16; got {out}")
     require(scale.dtype != torch.int64 or pertoken_scale is None, op, "an int64 scale cannot be combined with pertoken_scale")
+    require(scale.dtype != torch.int64 or out in (torch.int8, torch.float16, torch.float32), op,
+            f"an int64 (deq-scale) scale needs output_dtype int8 or float16 on A2; got {out}")
     if offset is not None:
         require(offset.dtype == torch.float32 and offset.dim() == 1 and offset.shape[0] in (1, n), op,
                 f"offset must be float32 of shape (1,) or (n,); got {offset.dtype} {tuple(offset.shape)}")
@@ -112,6 +114,9 @@ def _check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtyp
         require(bias.dtype != torch.bfloat16 or out == torch.bfloat16, op, "a bfloat16 bias needs output_dtype=torch.bfloat16")
         require(bias.dtype != torch.float16 or (pertoken_scale is not None and out == torch.float16), op,
                 "a float16 bias needs pertoken_scale and output_dtype=torch.float16")
+        require(bias.dtype == torch.int32 or pertoken_scale is not None or out in (torch.bfloat16, torch.float32), op,
+                f"without pertoken_scale a float bias needs output_dtype=torch.bfloat16 (int8 / float16 outputs take an "
+                f"int32 bias); got {bias.dtype} bias with {out} output")
         require(bias.dim() == 1 and bias.shape[0] == n or bias.dim() == 3 and bias.shape[1:] == (1, n), op,
                 f"bias must be (n,)=({n},) or (batch, 1, n); got {tuple(bias.shape)}")
         if bias.dim() == 3:

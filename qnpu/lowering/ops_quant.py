@@ -145,7 +145,7 @@ def _check_trans(scale, offset, round_mode):
     require(scale.dtype == torch.float32, op, f"scale must be float32; got {scale.dtype}")
     require(scale.dim() == 1 or (scale.dim() == 2 and scale.shape[0] == 1), op,
             f"scale must have shape (t,) or (1, n); got {tuple(scale.shape)}")
-    require(round_mode in (None, 0, 1), op, f"round_mode={round_mode} is invalid; allowed: 0 (truncate), 1 (R_INT)")
+    require(round_mode in (0, 1), op, f"round_mode={round_mode} is invalid; allowed: 0 (truncate), 1 (R_INT)")
     if offset is None:
         return tuple(scale.shape)
     require(offset.dtype == torch.float32, op, f"offset must be float32; got {offset.dtype}")
@@ -168,7 +168,7 @@ def npu_trans_quant_param(scale, offset=None, round_mode=0):
     shape = _check_trans(scale, offset, round_mode)
     s = scale.expand(shape) if scale.dim() == 1 else scale
     o = None if offset is None else (offset.expand(shape) if offset.dim() == 1 else offset)
-    return encode_deq_scale(s, o, int(round_mode or 0))
+    return encode_deq_scale(s, o, int(round_mode))
 
 
 def _fake_trans(scale, offset=None, round_mode=0):

@@ -18,7 +18,7 @@ ALLOWED_QNPU = {
     "eval": {"qcore", "transforms", "models", "data"},
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
-                     "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu"},
+                     "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu", "transformers"},
                      "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm"}}
 
 

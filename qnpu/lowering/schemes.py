@@ -142,21 +142,31 @@ def build_w8a8_dynamic(label, m, dtype, scheme="W8A8_DYNAMIC"):
                              bias=_float_bias(m, dtype), scheme=scheme, **_common(label, m, dtype))
 
 
-def build_w4a8(label, m, dtype):
-    q = m.qweight
-    k = q.codes.shape[1]
+def build_w4a8_codes(label, codes, scale, bias, dtype, widened=None):
+    """W4A8 from int4 ``codes [out, in]``, fp32 ``scale [out, 1 or in/256]`` and an optional float bias."""
+    out, k = codes.shape
     if k % A8W4_GROUP:   # A8W4 needs whole 256-groups: widen the int4 codes to int8 instead (exact)
-        return build_w8a8_dynamic(label, m, dtype, scheme="W4A8_DYNAMIC")
-    scale, _, group = _weight_rows(q)
-    s = _in_dtype(scale, dtype).to(torch.float32)                         # [out, groups]
-    s = s.expand(-1, k // A8W4_GROUP) if group == 0 else s                # [out, k / 256]
+        w_scale = _in_dtype(scale.reshape(-1), dtype)
+        return W8A8DynamicLinear(weight=codes.to(torch.int8).t().contiguous(), scheme="W4A8_DYNAMIC",
+                                 weight_scale=w_scale if dtype == torch.bfloat16 else w_scale.to(torch.float32),
+                                 bias=None if bias is None else _in_dtype(bias, dtype).to(torch.float32),
+                                 label=label, in_features=k, out_features=out, dtype=dtype)
+    s = _in_dtype(scale, dtype).to(torch.float32)
+    s = s.expand(-1, k // A8W4_GROUP) if s.shape[1] == 1 else s           # [out, k / 256]
     word = encode_deq_scale(s.t().contiguous())                           # (k/256, n) int64
     applied = decode_deq_scale(word)[0]
-    wt = q.codes.to(torch.int32).t().contiguous()                         # (K, N)
+    wt = codes.to(torch.int32).t().contiguous()                           # (K, N)
     colsum = wt.to(torch.float32).reshape(k // A8W4_GROUP, A8W4_GROUP, -1).sum(1)
     y_offset = 8.0 * (colsum * applied).sum(0)                            # 8 * sum_k W * s2
     return W4A8Linear(weight=pack_int4(wt, dim=-1), scale=word, y_offset=y_offset.to(torch.float32),
-                      bias=_float_bias(m, dtype), **_common(label, m, dtype))
+                      bias=None if bias is None else _in_dtype(bias, dtype).to(torch.float32),
+                      label=label, in_features=k, out_features=out, dtype=dtype)
+
+
+def build_w4a8(label, m, dtype):
+    lowered = build_w4a8_codes(label, m.qweight.codes, _weight_rows(m.qweight)[0].detach(), m.bias, dtype)
+    lowered.online_hadamard = bool(m.online_hadamard)
+    return lowered
 
 
 BUILDERS = {

@@ -51,8 +51,11 @@ def _markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ppl(model, tokenizer, n_tokens) -> dict:
-    return {k: v["ppl"] for k, v in evaluate(model, tokenizer, n_tokens=n_tokens, progress=False).items()}
+def _ppl(model, tokenizer, n_tokens, what: str) -> dict:
+    start = time.perf_counter()
+    out = {k: v["ppl"] for k, v in evaluate(model, tokenizer, n_tokens=n_tokens, progress=False).items()}
+    print(f"  {what}: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> int:
@@ -74,12 +77,13 @@ def main() -> int:
         model, _, _ = load(None, progress=False)
         quantize_model(model, recipes.get(name, group_size=int(group) if group else None), ids, progress=False)
         row = {"setting": setting, "schemes": scheme_counts(plan(model))}
-        row["fp32_simulated"] = _ppl(model, tokenizer, args.eval_tokens)
-        row["fp32_lowered"] = _ppl(lower(model), tokenizer, args.eval_tokens)
+        print(f"{setting}: quantized in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        row["fp32_simulated"] = _ppl(model, tokenizer, args.eval_tokens, "fp32 simulated")
+        row["fp32_lowered"] = _ppl(lower(model), tokenizer, args.eval_tokens, "fp32 lowered")
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         del model
-        row["bf16_simulated"] = _ppl(bf16, tokenizer, args.eval_tokens)
-        row["bf16_lowered"] = _ppl(lower(bf16), tokenizer, args.eval_tokens)
+        row["bf16_simulated"] = _ppl(bf16, tokenizer, args.eval_tokens, "bf16 simulated")
+        row["bf16_lowered"] = _ppl(lower(bf16), tokenizer, args.eval_tokens, "bf16 lowered")
         row["seconds"] = round(time.perf_counter() - start, 1)
         data["rows"] = [r for r in data["rows"] if r["setting"] != setting] + [row]
         out.with_suffix(".json").write_text(json.dumps(data, indent=1))

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
     p_e.add_argument("--slices", default="docs,code", help="comma-separated evaluation slices")
     p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
+    p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE)")
+    p_x.add_argument("checkpoint", help="qnpu checkpoint folder (from qnpu quantize)")
+    p_x.add_argument("--format", default="ascend-v1", help="ascend-v1 (default)")
+    p_x.add_argument("--output", required=True, help="export folder")
+    p_x.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
+    p_x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p_x.add_argument("--json", action="store_true", help="print one JSON object")
     p_e.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -177,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
                             for k, v in low["perplexity"].items()} if low else {}),
                         **({"lowered schemes": ", ".join(f"{n} {s}" for s, n in low["schemes"].items())}
                            if low else {})}
+        elif args.command == "export":
+            from qnpu.jobs import export_job
+
+            data = export_job(checkpoint=args.checkpoint, output=args.output, format=args.format, dtype=args.dtype,
+                              overwrite=args.overwrite)
+            if not args.json:
+                data = {"output": data["output"], "format": data["format"], "dtype": data["dtype"],
+                        "layers": ", ".join(f"{n} {t}" for t, n in data["layer_types"].items()),
+                        "size": f"{data['bytes'] / 2**20:.1f} MiB", "time": f"{data['wall_seconds']:.1f} s"}
         elif args.command == "recipes":
             data = _recipes()
         elif args.command == "families":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qnpu.eval import perplexity, tokenize_slice
-from qnpu.lowering import check_target, lower, plan, scheme_counts
+from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
 from qnpu.models.default import default_cache_dir, load_default_tokenizer
 from qnpu.models.devices import resolve_device
@@ -211,3 +211,28 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
         out["lowered"] = {"target": lowered, "schemes": scheme_counts(schemes),
                           "perplexity": evaluate(low, tokenizer, slices, eval_tokens, progress)}
     return out
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype: str | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Export a qnpu checkpoint for a serving stack (`qnpu.lowering.export`); format, dtype and output
+    folder are checked before the checkpoint is loaded."""
+    start = time.perf_counter()
+    if format not in FORMATS:
+        raise ValueError(f"--format {format} is not supported; allowed: {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it (--overwrite)")
+    net, tokenizer, source = load(checkpoint, progress=progress)
+    if dtype is not None:
+        net = net.to(DTYPES[dtype])
+    path = export(net, output, format, tokenizer=tokenizer, overwrite=overwrite)
+    desc = json.loads((path / "quant_model_description.json").read_text())
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
+    return {"checkpoint": source, "format": format, "output": str(path), "dtype": str(next(
+        p.dtype for p in net.parameters())).removeprefix("torch."), "layer_types": desc["metadata"]["layer_types"],
+        "files": files, "bytes": sum(files.values()), "wall_seconds": round(time.perf_counter() - start, 2)}

@@ -64,3 +64,30 @@ def test_a_scheme_without_a_kernel_fails_before_evaluation(float_folder, tmp_pat
     assert code == 2
     assert "BiLLM" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # nothing evaluated or saved for a run that cannot finish
+
+
+@needs_tokenizer
+def test_export_cli_writes_a_loadable_ascend_v1_folder(float_folder, tmp_path, capsys):
+    from qnpu.lowering import load_ascend_v1
+    from qnpu.models import load
+
+    assert main(["quantize", "--model", str(float_folder), "--recipe", "w8a8", "--samples", "2", "--seq-len", "64",
+                 "--no-eval", "--output", str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "v1"
+    assert main(["export", str(tmp_path / "ckpt"), "--output", str(out), "--dtype", "bfloat16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layer_types"] == {"W8A8": 12, "W8A8_DYNAMIC": 2} and report["dtype"] == "bfloat16"
+    assert {"quant_model_description.json", "quant_model_weights.safetensors", "config.json",
+            "tokenizer_config.json"} <= set(report["files"])
+    loaded = load_ascend_v1(out)
+    model, tokenizer, _ = load(tmp_path / "ckpt", progress=False)
+    ids = tokenizer("def f(x): return x", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = loaded(ids).logits.float(), model(ids).logits
+    assert float((a - b).norm() / b.norm()) < 0.05
+    assert main(["export", str(tmp_path / "ckpt"), "--output", str(out)]) == 2        # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "ckpt"), "--output", str(tmp_path / "x"), "--format", "gguf"]) == 2
+    assert "allowed: ascend-v1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -139,15 +139,19 @@ def test_bad_input_is_refused_before_any_work():
     assert all(torch.equal(before[k], v) for k, v in billm.state_dict().items())
 
 
-def test_asymmetric_weights_with_quantized_activations_are_refused():
+@pytest.mark.parametrize("weight,activation,match", [
+    (dict(bits=8, symmetric=False, format="uint"), dict(bits=8, granularity="token", dynamic=True), "asymmetric weights"),
+    (dict(bits=4), dict(bits=4, granularity="token", dynamic=True), "a4 int symmetric dynamic has no Ascend kernel"),
+    (dict(bits=8), dict(bits=8, granularity="token", dynamic=True, symmetric=False), "asymmetric dynamic"),
+])
+def test_schemes_without_a_kernel_are_refused_naming_the_layer(weight, activation, match):
     from qnpu.qcore import QSpec
     from qnpu.transforms import chain, quant_specs, rtn
-    recipe = chain(quant_specs(weight=QSpec(bits=8, symmetric=False, format="uint"),
-                               activation=QSpec(bits=8, granularity="token", dynamic=True)), rtn())
+    recipe = chain(quant_specs(weight=QSpec(**weight), activation=QSpec(**activation)), rtn())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = quantize_model(tiny_model(configs()["llama"]), recipe, ids(), progress=False).model
-    with pytest.raises(LoweringError, match="asymmetric weights"):
+    with pytest.raises(LoweringError, match=r"model\.layers\.0\.self_attn\.q_proj: .*" + match):
         lower(model)
 
 

@@ -161,7 +161,9 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
         max_tokens: int = 2048) -> QTransform:
     """AWQ scaling (and clipping) of the block's smoothing pairs; see the module docstring.
 
-    A pair is processed when all its consumers are targets; each must have a weight spec
+    A pair is processed when all its consumers are targets and none of them reads its input through
+    an online Hadamard (QuaRot's before down_proj: a per-channel scale does not commute with it, so
+    the pair is skipped); each consumer must have a weight spec
     (TransformError otherwise). The producer is changed even when it is not a target (it stays
     in float terms the same function). A pair whose RMSNorm has no weight in ``params`` is skipped
     (creating one would add a parameter the model does not have). Consumers' stats are rescaled to
@@ -194,6 +196,8 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
         for producer, consumers, is_norm in pairs:
             if not all(c in view.targets for c in consumers):
                 continue
+            if any(c in view.online_hadamard for c in consumers):
+                continue  # a channel scale does not commute with the online Hadamard before the consumer
             for c in consumers:
                 if view.specs.get(c) is None or view.specs[c].weight is None:
                     fail("awq", view, c, "no weight spec is set, so AWQ cannot search its scales",

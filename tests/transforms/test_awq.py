@@ -227,3 +227,19 @@ def test_nan_weight_names_the_layer():
     bad = view.with_params({"mlp.down_proj.weight": torch.full_like(view.weight("mlp.down_proj"), float("inf"))})
     with pytest.raises(TransformError, match=r"awq: layer model\.layers\.0\.mlp\.down_proj: .*Inf"):
         _awq(bad)
+
+
+def test_pairs_behind_an_online_hadamard_are_skipped_so_the_float_block_is_unchanged():
+    """awq after hadamard_rotation(online=True): folding up->down through the online H changed the
+    block output by 12-44% before any rounding; the pair must be left alone."""
+    from qnpu.transforms import chain, hadamard_rotation, quant_specs
+    view = random_block(3)
+    rotated, _ = (r := chain(quant_specs(weight=QSpec(bits=4)), hadamard_rotation(seed=0))).update(view, r.init(view))
+    assert rotated.online_hadamard
+    ref = block_forward(rotated.params, rotated.structure, view.inputs, online_hadamard=rotated.online_hadamard)
+    t = awq(clip=False)
+    out, state = t.update(rotated, t.init(rotated))
+    got = block_forward(out.params, out.structure, view.inputs, online_hadamard=out.online_hadamard)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    down = [c for c in rotated.online_hadamard]
+    assert all(not any(c in cs for p, cs in out.structure.linear_pairs if p in state.scales) for c in down)

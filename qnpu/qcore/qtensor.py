@@ -37,6 +37,14 @@ class QTensor:
                              f"{self.spec.granularity} quantization of {tuple(self.codes.shape)} needs {want}")
         if self.zero_point is not None and tuple(self.zero_point.shape) != want:
             raise ValueError(f"QTensor: zero_point has shape {tuple(self.zero_point.shape)}; needs {want}")
+        spec = self.spec
+        if self.codes.numel() and not self.codes.is_meta:
+            lo, hi = int(self.codes.min()), int(self.codes.max())
+            if lo < spec.qmin or hi > spec.qmax:
+                raise ValueError(f"QTensor: codes span [{lo}, {hi}], outside the {spec.bits}-bit {spec.format} range "
+                                 f"[{spec.qmin}, {spec.qmax}] of its spec")
+        if self.scale.numel() and not self.scale.is_meta and not bool(torch.isfinite(self.scale).all()):
+            raise ValueError("QTensor: scale has NaN/Inf values")
 
     @property
     def shape(self) -> torch.Size:

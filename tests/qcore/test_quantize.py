@@ -214,3 +214,15 @@ def test_qtensor_rejects_inconsistent_parts():
         QTensor(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, QSpec(bits=4))
     with pytest.raises(ValueError, match="integer"):
         QTensor(torch.zeros(4, 8), torch.ones(4, 1), None, QSpec(bits=4))
+
+
+def test_qtensor_refuses_codes_outside_its_spec_and_non_finite_scales():
+    """A damaged checkpoint must not load and evaluate silently (ppl 48399 / nan)."""
+    from qnpu.qcore import QTensor
+    spec = QSpec(bits=4)
+    ok = QTensor(torch.tensor([[-8, 7]], dtype=torch.int8), torch.ones(1, 1), None, spec)
+    assert ok.codes.shape == (1, 2)
+    with pytest.raises(ValueError, match=r"codes span \[-8, 9\], outside the 4-bit int range \[-8, 7\]"):
+        QTensor(torch.tensor([[-8, 9]], dtype=torch.int8), torch.ones(1, 1), None, spec)
+    with pytest.raises(ValueError, match="scale has NaN/Inf"):
+        QTensor(torch.tensor([[1, 2]], dtype=torch.int8), torch.full((1, 1), float("nan")), None, spec)

@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
     p_e.add_argument("--slices", default="docs,code", help="comma-separated evaluation slices")
     p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
-    p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE)")
+    p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE; "
+                         "compressed-tensors: vLLM, transformers)")
     p_x.add_argument("checkpoint", help="qnpu checkpoint folder (from qnpu quantize)")
-    p_x.add_argument("--format", default="ascend-v1", help="ascend-v1 (default)")
+    p_x.add_argument("--format", default="ascend-v1", help="ascend-v1 (default) | compressed-tensors")
     p_x.add_argument("--output", required=True, help="export folder")
     p_x.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     p_x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

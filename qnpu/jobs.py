@@ -230,9 +230,9 @@ def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype
     net, tokenizer, source = load(checkpoint, progress=progress)
     if dtype is not None:
         net = net.to(DTYPES[dtype])
+    schemes = scheme_counts(plan(net))
     path = export(net, output, format, tokenizer=tokenizer, overwrite=overwrite)
-    desc = json.loads((path / "quant_model_description.json").read_text())
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
     return {"checkpoint": source, "format": format, "output": str(path), "dtype": str(next(
-        p.dtype for p in net.parameters())).removeprefix("torch."), "layer_types": desc["metadata"]["layer_types"],
+        p.dtype for p in net.parameters())).removeprefix("torch."), "layer_types": schemes,
         "files": files, "bytes": sum(files.values()), "wall_seconds": round(time.perf_counter() - start, 2)}

@@ -89,5 +89,8 @@ def test_export_cli_writes_a_loadable_ascend_v1_folder(float_folder, tmp_path, c
     assert main(["export", str(tmp_path / "ckpt"), "--output", str(out)]) == 2        # exists
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "ckpt"), "--output", str(tmp_path / "x"), "--format", "gguf"]) == 2
-    assert "allowed: ascend-v1" in capsys.readouterr().err
+    assert "allowed: ascend-v1, compressed-tensors" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["export", str(tmp_path / "ckpt"), "--output", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 2
+    assert "(W8A8 static) are not written to compressed-tensors" in capsys.readouterr().err
+    assert not (tmp_path / "ct").exists()

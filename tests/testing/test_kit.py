@@ -51,7 +51,10 @@ def test_assertions_detect_broken_quantizers():
     broken = QTensor(torch.clamp(q.codes.to(torch.int16) + 1, -8, 7).to(torch.int8), q.scale, None, q.spec)
     with pytest.raises(AssertionError, match="scale"):
         assert_error_within_step(x, broken)
-    out_of_range = QTensor(torch.full((2, 8), 9, dtype=torch.int8), q.scale, None, q.spec)
+    with pytest.raises(ValueError, match="outside the 4-bit int range"):  # QTensor itself refuses them
+        QTensor(torch.full((2, 8), 9, dtype=torch.int8), q.scale, None, q.spec)
+    from types import SimpleNamespace  # a user's own container with codes and a spec
+    out_of_range = SimpleNamespace(codes=torch.full((2, 8), 9, dtype=torch.int8), scale=q.scale, spec=q.spec)
     with pytest.raises(AssertionError, match="codes outside"):
         assert_codes_in_range(out_of_range)
     with pytest.raises(AssertionError, match="SQNR"):

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from qnpu.qcore import pack_int4_pairs
 
 from .encodings import _f32_bits, decode_deq_scale, encode_deq_scale
-from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear
+from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear, quantized_layers
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights.safetensors"
@@ -99,9 +99,7 @@ def _group_size(layers: dict) -> int:
 
 def ascend_v1_state(model) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, description)`` of ``model`` in AscendV1; raises `LoweringError` before building any."""
-    layers = {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
-    if not layers:
-        raise LoweringError("the model has no quantized linears (QLinear); quantize it first")
+    layers = quantized_layers(model)
     kinds = {label: _layer_type(label, m) for label, m in layers.items()}
     dtype = next(iter(layers.values())).weight.dtype
     group = _group_size(layers)

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from qnpu.qcore import pack_bits, unpack_bits
 
-from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear
+from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear, quantized_layers
 
 WEIGHTS = "model.safetensors"
 CT_VERSION = "0.20.0"          # the compressed-tensors release these files are checked against
@@ -136,9 +136,7 @@ def layer_state(label: str, m, scheme: str, dtype: torch.dtype) -> tuple[dict[st
 
 def compressed_tensors_state(model) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, quantization_config)`` of ``model``; raises `LoweringError` before building any tensor."""
-    layers = {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
-    if not layers:
-        raise LoweringError("the model has no quantized linears (QLinear); quantize it first")
+    layers = quantized_layers(model)
     schemes = {label: _scheme(label, m) for label, m in layers.items()}
     dtype = next(iter(layers.values())).weight.dtype
     tensors, groups = {}, []          # groups: [scheme dict, [labels]] in first-seen order

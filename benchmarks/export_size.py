@@ -1,6 +1,8 @@
 """Bytes of each AscendV1 export of the default model vs the bf16 model, per scheme.
 
-    python benchmarks/export_size.py [--settings w8a8,w8a16:64] [--dtype bfloat16]
+    python benchmarks/export_size.py [--settings w8a8,w8a16:64,w4a16-gptq:64@compressed-tensors] [--dtype bfloat16]
+
+A setting is ``recipe[:group][@format]`` (format: ascend-v1, the default, or compressed-tensors).
 
 Sizes depend only on the scheme, not on how well it was calibrated, so each setting is quantized
 on 2 x 128 calibration tokens. The quantized linears' tensors and the float rest (embedding,
@@ -20,12 +22,13 @@ import torch
 from safetensors import safe_open
 
 from qnpu.jobs import DTYPES, calibration_ids
-from qnpu.lowering import export
+from qnpu.lowering import export, plan, scheme_counts
 from qnpu.models import load, quantize_model
 from qnpu.transforms import recipes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = "w8a8,w8a8-dynamic,w8a16,w8a16:64,w4a8"
+SETTINGS = ("w8a8,w8a8-dynamic,w8a16,w8a16:64,w4a8,w8a8-dynamic@compressed-tensors,w4a16-gptq@compressed-tensors,"
+            "w4a16-gptq:64@compressed-tensors")
 MIB = 2**20
 
 
@@ -44,12 +47,13 @@ def _tensor_bytes(folder: Path) -> dict[str, int]:
     return out
 
 
-def _split(sizes: dict[str, int], desc: dict | None) -> dict[str, int]:
-    quant = sum(v for k, v in sizes.items() if desc is not None and desc.get(k) not in (None, "FLOAT"))
+def _split(sizes: dict[str, int], labels) -> dict[str, int]:
+    """Bytes of the given linears' tensors (their bias included), of the embedding and lm_head, and the rest."""
+    prefixes = tuple(f"{label}." for label in labels)
+    quant = sum(v for k, v in sizes.items() if k.startswith(prefixes))
     embed = sum(v for k, v in sizes.items() if "embed_tokens" in k or k.startswith("lm_head"))
-    linear_float = sum(v for k, v in sizes.items() if k.endswith("_proj.weight")) if desc is None else 0
-    return {"quantized_linears": quant or linear_float, "embedding_and_head": embed,
-            "other": sum(sizes.values()) - (quant or linear_float) - embed, "total": sum(sizes.values())}
+    return {"quantized_linears": quant, "embedding_and_head": embed, "other": sum(sizes.values()) - quant - embed,
+            "total": sum(sizes.values())}
 
 
 def main() -> int:
@@ -62,23 +66,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, source = load(None, progress=False)
         model.to(torch.bfloat16).save_pretrained(Path(tmp) / "bf16")
-        base = _split(_tensor_bytes(Path(tmp) / "bf16"), None)
+        linears = [n for n, _ in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
+        base = _split(_tensor_bytes(Path(tmp) / "bf16"), linears)
         ids = calibration_ids(tokenizer, 2, 128)
         for setting in args.settings.split(","):
-            name, _, group = setting.partition(":")
+            recipe, _, fmt = setting.partition("@")
+            name, _, group = recipe.partition(":")
             start = time.perf_counter()
             model, _, _ = load(None, progress=False)
             quantize_model(model, recipes.get(name, group_size=int(group) if group else None), ids, progress=False)
-            out = export(model.to(dtype), Path(tmp) / setting.replace(":", "-g"))
-            desc = json.loads((out / "quant_model_description.json").read_text())
-            split = _split(_tensor_bytes(out), desc)
-            rows.append({"setting": setting, "layer_types": desc["metadata"]["layer_types"], **split,
+            schemes = plan(model)
+            out = export(model.to(dtype), Path(tmp) / setting.replace(":", "-g").replace("@", "-"), fmt or "ascend-v1")
+            split = _split(_tensor_bytes(out), schemes)
+            rows.append({"setting": setting, "layer_types": scheme_counts(schemes), **split,
                          "linears_vs_bf16": round(split["quantized_linears"] / base["quantized_linears"], 4),
                          "total_vs_bf16": round(split["total"] / base["total"], 4),
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"{setting}: {rows[-1]}", file=sys.stderr, flush=True)
     data = {"model": source["name"], "export_dtype": args.dtype, "bf16_model": base, "rows": rows}
-    lines = [f"AscendV1 exports of {data['model']} ({args.dtype} float parts) vs the bf16 model "
+    lines = [f"Exports (AscendV1 unless marked @compressed-tensors) of {data['model']} ({args.dtype} float parts) vs the bf16 model "
              f"(linears {base['quantized_linears'] / MIB:.1f} MiB, embedding/lm_head "
              f"{base['embedding_and_head'] / MIB:.1f} MiB, total {base['total'] / MIB:.1f} MiB).", "",
              "| setting | layer types | quantized linears MiB | vs bf16 | embedding + lm_head MiB | other MiB | "

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from qnpu.qcore import pack_int4_pairs
 
 from .encodings import _f32_bits, decode_deq_scale, encode_deq_scale
-from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear, quantized_layers
+from .schemes import LoweringError, _weight_rows, classify, float_tensors, is_quantized_linear, quantized_layers
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights.safetensors"
@@ -108,13 +108,9 @@ def ascend_v1_state(model) -> tuple[dict[str, torch.Tensor], dict]:
         for name, t in layer_tensors(label, m, kinds[label], dtype).items():
             tensors[f"{label}.{name}"] = t.contiguous()
             desc[f"{label}.{name}"] = kinds[label]
-    owned = tuple(f"{label}." for label in layers)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    for key, value in model.state_dict().items():
-        if key.startswith(owned) and not key.endswith(".bias") or tied and key == "lm_head.weight":
-            continue  # a tied head is rebuilt from the embedding by the loader (config keeps the tie)
-        tensors[key] = value.detach().to(dtype).contiguous()
-        desc[key] = "FLOAT"
+    floats = float_tensors(model, layers, dtype)
+    tensors.update(floats)
+    desc.update(dict.fromkeys(floats, "FLOAT"))
     counts = {k: sum(1 for v in kinds.values() if v == k) for k in TYPES if k in kinds.values()}
     main = max(counts, key=counts.get)
     desc.update({"model_quant_type": main, "version": "1.0.0", "group_size": group,

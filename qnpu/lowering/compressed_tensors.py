@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from qnpu.qcore import pack_bits, unpack_bits
 
-from .schemes import LoweringError, _weight_rows, classify, is_quantized_linear, quantized_layers
+from .schemes import LoweringError, _weight_rows, classify, float_tensors, is_quantized_linear, quantized_layers
 
 WEIGHTS = "model.safetensors"
 CT_VERSION = "0.20.0"          # the compressed-tensors release these files are checked against
@@ -148,12 +148,7 @@ def compressed_tensors_state(model) -> tuple[dict[str, torch.Tensor], dict]:
             groups.append([scheme_dict, [label]])
         else:
             same[1].append(label)
-    owned = tuple(f"{label}." for label in layers)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    for key, value in model.state_dict().items():
-        if key.startswith(owned) and not key.endswith(".bias") or tied and key == "lm_head.weight":
-            continue  # a tied head is rebuilt from the embedding by the loader (config keeps the tie)
-        tensors[key] = value.detach().to(dtype).contiguous()
+    tensors.update(float_tensors(model, layers, dtype))
     ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers]
     formats = {g[0]["format"] for g in groups}
     config_groups = {f"group_{i}": {"targets": ["Linear"] if len(groups) == 1 else labels, **scheme_dict}

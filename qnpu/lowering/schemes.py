@@ -40,6 +40,15 @@ def quantized_layers(model) -> dict:
     return layers
 
 
+def float_tensors(model, layers, dtype) -> dict:
+    """Every tensor of ``model`` an export writes as float: all but the quantized ``layers``' own weights
+    (their biases stay), in ``dtype``; a tied lm_head is left out (loaders tie it from the config)."""
+    owned = tuple(f"{label}." for label in layers)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return {key: value.detach().to(dtype).contiguous() for key, value in model.state_dict().items()
+            if not (key.startswith(owned) and not key.endswith(".bias") or tied and key == "lm_head.weight")}
+
+
 def _weight_rows(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Per-output-row scale / zero point laid out ``[out, groups]`` and the group size (0: per channel)."""
     out, k = q.codes.shape

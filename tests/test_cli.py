@@ -39,7 +39,8 @@ def test_quantize_rejects_an_unknown_recipe_with_suggestions(capsys):
 
 
 def test_quantize_rejects_a_missing_model_path(capsys, tmp_path):
-    assert main(["quantize", "--model", str(tmp_path / "nope"), "--no-eval"]) == 2
+    # an explicit --output: a ./qnpu-out left by a user's earlier run must not change the outcome
+    assert main(["quantize", "--model", str(tmp_path / "nope"), "--no-eval", "--output", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -27,6 +27,7 @@ from qnpu.transforms import QTransform
 from .engine import LayerwiseCalibration, progress_bar
 from .results import BlockResult, QuantizeResult
 from .families import block_structure, family_for, hf_config
+from .loading import missing_tensors_error
 from .qlinear import QLinear
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -133,6 +134,11 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, **{dtype_key: dtype})
     model.eval()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    head = f"{family.lm_head}.weight"
+    missing = [n for n in model.state_dict() if n not in index and not (tied and n == head)]
+    if missing:  # refused before any block is quantized (and never a KeyError half-way)
+        raise missing_tensors_error(path, missing)
     materialize(model.get_submodule(family.embed), family.embed, index)
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
@@ -151,10 +157,7 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
             release(block)
             bar.set_postfix(error=f"{blocks[-1].output_error:.3g}")
             bar.update()
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    names = [f"{family.final_norm}.weight"] + ([] if tied else [f"{family.lm_head}.weight"])
-    if not tied and names[1] not in index:
-        raise KeyError(f"{path}: lm_head {names[1]} is missing but config.json says the embeddings are untied")
+    names = [f"{family.final_norm}.weight"] + ([] if tied else [head])
     loaded = index.load(names)
     embed = model.get_submodule(family.embed).weight.detach()
     edges = run.edges(embed, loaded[names[0]].to(dtype), None if tied else loaded[names[1]].to(dtype))

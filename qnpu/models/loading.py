@@ -49,12 +49,30 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
     family_for(raw)  # unsupported architectures fail here, listing the supported ones
     with _readable(path):
         if raw.get("model_type") in PANGU_MODEL_TYPES:
-            model = transformers.LlamaForCausalLM.from_pretrained(path, config=to_llama_config(raw), dtype=dtype)
+            model, info = transformers.LlamaForCausalLM.from_pretrained(path, config=to_llama_config(raw), dtype=dtype,
+                                                                        output_loading_info=True)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    # transformers fills tensors missing from the files with random values: refuse instead
+    head = family_for(raw).lm_head + ".weight"
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [n for n in info["missing_keys"] if not (tied and n == head)]
+    if missing:
+        raise missing_tensors_error(path, missing)
+    with _readable(path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
             else None
     return model, tokenizer, folder_source(path)
+
+
+def missing_tensors_error(path: Path, missing) -> ValueError:
+    """The error for a model folder whose weight files lack tensors its config needs: the count
+    and the first few names (sorted), on one line."""
+    names = sorted(missing)
+    shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    return ValueError(f"model at {path} lacks {len(names)} weight tensor{'s' if len(names) > 1 else ''} its "
+                      f"config.json needs ({shown}); they would be random: check that its weight files are "
+                      "complete")
 
 
 def default_source() -> dict:

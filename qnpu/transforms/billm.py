@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 
 from .base import QTransform, register_state, register_transform
-from .rounding import checked_weight, hessian_of, quantizable
+from .rounding import checked_weight, dead_columns, hessian_of, quantizable
 from .view import BlockView, fail
 
 SCALE_BITS = 16
@@ -363,6 +363,7 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
                 fail("billm", view, name, "weight_qparams from a scale search are set, but BiLLM fits its own "
                      "per-row, per-block scales", "drop the scale search before billm()")
             hessian = hessian_of(view, name, "billm")
+            dead_columns(hessian, "billm", view.label(name))  # warns, or refuses a layer with no live input
             w = checked_weight(view, name, "billm")
             try:
                 bw = billm_quantize(w, hessian, block_size=block_size, salient_fraction=salient_fraction,

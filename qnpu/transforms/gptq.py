@@ -16,7 +16,8 @@ updates of columns past the current block of ``block_size`` columns are applied 
 matrix product per block, which gives the same result as the column-by-column recursion.
 
 Details: columns with ``H_jj == 0`` saw no input ("dead"): their weight is zeroed and
-``H_jj := 1``; ``lambda = damp * mean(diag H)`` is added to the diagonal, and if a Cholesky
+``H_jj := 1``, with a warning naming the layer and the columns (a layer with no live column at all is
+refused); ``lambda = damp * mean(diag H)`` is added to the diagonal, and if a Cholesky
 factorization still fails the dampening is multiplied by 10 (a warning names the layer) up to
 `MAX_DAMP_RETRIES` times. ``act_order`` sweeps columns by descending ``H_jj`` and restores the
 order at the end. Qparams: per-channel / per-tensor from the whole weight before the sweep;
@@ -38,7 +39,7 @@ import torch
 from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize
 
 from .base import QTransform, register_transform
-from .rounding import WeightsState, checked_weight, hessian_of, quantizable, store
+from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable, store
 from .view import BlockView, TransformError
 
 MAX_DAMP_RETRIES = 5
@@ -324,7 +325,7 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
                          "recollect calibration statistics; check the inputs for NaN/Inf or fp16 overflow")
     cdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     h = hessian.detach().to(cdtype)
-    dead = torch.diagonal(h) == 0
+    dead = dead_columns(h, method, label)
     if bool(dead.any()):
         h = h.clone()
         h[dead, dead] = 1.0  # boolean masks pair up: only the dead diagonal entries
@@ -379,7 +380,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_
     the sweep propagated errors from) and ``info``: ``damp`` (after any escalation), ``lambda``,
     ``dead_columns`` and ``obs_loss`` (``tr((W - Q) (H + lambda I) (W - Q)^T)`` with dead columns
     of ``W`` zeroed). Math in the module docstring. Raises `TransformError` naming ``label`` for
-    binary / dynamic specs, NaN/Inf in ``w`` or ``hessian``, and a Hessian that no dampening fixes.
+    binary / dynamic specs, NaN/Inf in ``w`` or ``hessian``, a Hessian whose every column is dead
+    (a RuntimeWarning names the dead columns when only some are) and a Hessian that no dampening fixes.
     Inputs are never modified; float32 math (float64 for a float64 ``w``).
     """
     return sweep(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,

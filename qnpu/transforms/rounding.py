@@ -6,6 +6,7 @@ the block still runs in float) and keeps the integer `QTensor` in a `WeightsStat
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from qnpu.qcore import QSpec, QTensor, check_finite, quantize
 
 from .base import QTransform, generator, register_state, register_transform
-from .view import BlockView, fail
+from .view import BlockView, TransformError, fail
 
 
 @register_state
@@ -52,6 +53,25 @@ def hessian_of(view: BlockView, name: str, transform: str) -> torch.Tensor:
              "collect stats with block_stats()/linear_stats() before running it (quantize_model does unless "
              "hessian=False)")
     return stats.hessian
+
+
+def dead_columns(hessian: torch.Tensor, method: str, label: str) -> torch.Tensor:
+    """Mask of the input columns with ``H_jj == 0``: inputs that are zero on every calibration token
+    ("dead"), whose weights the Hessian-based rounders set to zero. A RuntimeWarning names the layer,
+    the count and the first columns; a `TransformError` when every column is dead (the layer saw no
+    input at all, e.g. calibration sequences of pad tokens: every weight would be zeroed)."""
+    dead = torch.diagonal(hessian) == 0
+    n = int(dead.sum())
+    if n == dead.numel():
+        raise TransformError(f"{method}: layer {label}: all {n} input columns are zero on every calibration token, "
+                             "so every weight would be set to 0. Fix: calibrate on real text (not padding) or "
+                             "round this layer with rtn()")
+    if n:
+        first = dead.nonzero().flatten()[:8].tolist()
+        shown = ", ".join(map(str, first)) + (", ..." if n > len(first) else "")
+        warnings.warn(f"{method}: layer {label}: {n} of {dead.numel()} input columns are zero on every calibration "
+                      f"token ({shown}); their weights are set to 0", RuntimeWarning, stacklevel=3)
+    return dead
 
 
 def store(view: BlockView, state: WeightsState, results: dict[str, QTensor]) -> tuple[BlockView, WeightsState]:

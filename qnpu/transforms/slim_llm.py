@@ -46,7 +46,7 @@ from qnpu.qcore import QSpec, QTensor, choose_qparams
 
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
-from .rounding import checked_weight, hessian_of, quantizable
+from .rounding import checked_weight, dead_columns, hessian_of, quantizable
 from .view import BlockView, fail
 
 
@@ -239,6 +239,7 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
         for name, spec in quantizable(view, "slim_llm"):
             _check_spec(view, name, spec, bits, group_size)
             hessian = hessian_of(view, name, "slim_llm")
+            dead_columns(hessian, "slim_llm", view.label(name))  # warns, or refuses a layer with no live input
             w = checked_weight(view, name, "slim_llm")
             try:
                 sw = slim_llm_quantize(w, hessian, spec, bits=bits, group_size=group_size, damp=damp,

@@ -79,6 +79,22 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
+def _check_edge(name: str, t: torch.Tensor) -> None:
+    """ValueError naming ``name`` (an embedding, final norm or lm_head weight) when ``t`` has NaN/Inf
+    values, with the count of bad rows of a matrix (rows calibration never reads would otherwise be
+    saved as they are)."""
+    if _all_finite(t):
+        return
+    bad = ~torch.isfinite(t)
+    if t.dim() == 2:
+        rows = bad.any(dim=1).nonzero().flatten()
+        where = (f" in {rows.numel()} of {t.shape[0]} rows (first: {', '.join(map(str, rows[:5].tolist()))}"
+                 f"{', ...' if rows.numel() > 5 else ''})")
+    else:
+        where = f" ({int(bad.sum())} of {t.numel()})"
+    raise ValueError(f"{name} has NaN/Inf values{where}: inspect the checkpoint")
+
+
 def _run_recipe(recipe: QTransform, view: BlockView) -> tuple[BlockView, Any, dict[str, list]]:
     """Run the recipe and log every tensor it writes through ``with_params`` (in order), so the
     engine knows the float weight each rounder received (the value before its final write)."""
@@ -189,6 +205,8 @@ class LayerwiseCalibration:
         if not bool(torch.isfinite(self.hidden).all()):
             raise ValueError(f"the inputs of {self.family.layers}.0 (the output of {self.family.embed}) have NaN/Inf "
                              "values: inspect the embedding weights and the model dtype")
+        # rows the calibration never read: they would reach the checkpoint unchecked
+        _check_edge(f"{self.family.embed}.weight", model.get_submodule(self.family.embed).weight.detach())
         self.fp_hidden = self.hidden.clone() if self.float_path else None
 
     # -- one block --------------------------------------------------------------------------------
@@ -377,9 +395,9 @@ class LayerwiseCalibration:
         """Final edge tensors by full name: rotated to match the blocks when they are rotated
         (then lm_head gets its own tensor even if it was tied: pass ``lm_head=None`` when tied)."""
         f = self.family
-        for name, t in ((f.final_norm, final_norm), (f.lm_head, lm_head)):
-            if t is not None and not _all_finite(t):
-                raise ValueError(f"{name}.weight has NaN/Inf values: inspect the checkpoint")
+        for name, t in ((f.embed, embed), (f.final_norm, final_norm), (f.lm_head, lm_head)):
+            if t is not None:
+                _check_edge(f"{name}.weight", t)
         if self.rotation is not None:
             seed, kind = self.rotation
             embed, head, norm = rotate_edges(embed, lm_head, final_norm, seed=seed, kind=kind)

@@ -121,8 +121,11 @@ class Checkpoint:
                              f"version {self.meta.get('format_version')}")
         self.hf_config = json.loads((self.path / "config.json").read_text())
         self.tensors: dict[str, torch.Tensor] = {}
+        self.files: dict[str, Path] = {}  # tensor name -> the shard holding it (for error messages)
         for shard in self.meta["shards"]:
-            self.tensors.update(load_file(str(self.path / shard)))
+            loaded = load_file(str(self.path / shard))
+            self.tensors.update(loaded)
+            self.files.update(dict.fromkeys(loaded, self.path / shard))
 
     def qlinears(self) -> dict[str, dict]:
         """Label -> ``{"qweight": QTensor | None, "act_spec", "act_qparams", "online_hadamard"}``."""
@@ -131,8 +134,18 @@ class Checkpoint:
             t = self.tensors
             q = None
             if entry["weight_spec"] is not None:
-                q = QTensor(t[f"{label}.codes"], t[f"{label}.scale"], t.get(f"{label}.zero_point"),
-                            QSpec.from_dict(entry["weight_spec"]), getattr(torch, entry["dtype"]))
+                spec = QSpec.from_dict(entry["weight_spec"])
+                names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point")]
+                where = next((self.files[n] for n in names if n in self.files), self.path)
+                lacking = [n for n in names[:2] if n not in t]
+                if lacking:
+                    raise ValueError(f"checkpoint file {where}: quantized linear {label}: the checkpoint lacks "
+                                     f"{', '.join(lacking)}; it is damaged: quantize the model again")
+                try:
+                    q = QTensor(t[names[0]], t[names[1]], t.get(names[2]), spec, getattr(torch, entry["dtype"]))
+                except ValueError as err:  # e.g. codes outside the spec's range, NaN scales
+                    raise ValueError(f"checkpoint file {where}: quantized linear {label}: {err}; it is damaged: "
+                                     "quantize the model again") from None
             act = None if entry["act_spec"] is None else QSpec.from_dict(entry["act_spec"])
             qp = (t[f"{label}.act_scale"], t.get(f"{label}.act_zero_point")) if entry["act_qparams"] else None
             out[label] = {"qweight": q, "act_spec": act, "act_qparams": qp,

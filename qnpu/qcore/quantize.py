@@ -68,11 +68,31 @@ def choose_qparams(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Te
     else:
         lo = torch.clamp(reduce(xf, spec, "amin") * c, max=0.0)
         hi = torch.clamp(reduce(xf, spec, "amax") * c, min=0.0)
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        levels = spec.qmax - spec.qmin
+        scale = (hi - lo) / levels
+        # hi - lo overflows for ranges wider than the float limit: halve the range first there
+        scale = torch.where(torch.isfinite(scale), scale, hi / levels - lo / levels)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.clamp(torch.round(spec.qmin - lo / safe), spec.qmin, spec.qmax).to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    _check_grid(xf, spec, scale, zero_point)
     return scale, zero_point
+
+
+def _check_grid(xf: torch.Tensor, spec: QSpec, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+    """ValueError when values near the float limit would dequantize to +-inf: the grid point nearest
+    to a slice's min or max (the extremes of ``dequantize(quantize(x))``) lies beyond the limit."""
+    if bool(torch.isfinite(scale * (spec.qmax - spec.qmin)).all()):
+        return  # no code is that far from the zero point: every grid point is finite
+    zp = 0.0 if zero_point is None else zero_point.to(scale.dtype)
+    for extreme in (reduce(xf, spec, "amin"), reduce(xf, spec, "amax")):
+        codes = torch.clamp(torch.round(extreme / scale) + zp, spec.qmin, spec.qmax)
+        if not bool(torch.isfinite((codes - zp) * scale).all()):
+            amax = float(reduce(xf, spec, "absmax").max())
+            raise ValueError(f"values up to {amax:.4g} in magnitude fall on {spec.bits}-bit {spec.format} "
+                             f"grid points beyond the {xf.dtype.__str__().removeprefix('torch.')} limit "
+                             f"({torch.finfo(xf.dtype).max:.4g}; they would dequantize to +-inf): scale the "
+                             "tensor down, quantize it in float64, or use more bits")
 
 
 def _round(v: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:

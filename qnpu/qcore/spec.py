@@ -67,6 +67,9 @@ class QSpec:
             _fail("format", self.format, " | ".join(FORMATS))
         if self.granularity not in GRANULARITIES:
             _fail("granularity", self.granularity, " | ".join(GRANULARITIES))
+        for name in ("symmetric", "dynamic", "full_range"):  # "false" from a recipe file would read as true
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True | False")
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             _fail("axis", self.axis, "an int (negative counts from the end)")
         if self.granularity == "group":

@@ -133,4 +133,7 @@ def load(path: str | Path) -> QTransform:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe file holds one mapping with a 'transform' key")
-    return recipe_from_dict(data)
+    try:
+        return recipe_from_dict(data)
+    except ValueError as err:  # name the file: the message names the parameter
+        raise ValueError(f"recipe file {path}: {err}") from None

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
+    p_b = sub.add_parser("build-kernels", help="compile qnpu's CATLASS kernels for Atlas A2 (needs CANN, a CATLASS "
+                         "checkout and torch_npu)")
+    p_b.add_argument("--catlass-dir", default=None, help="CATLASS checkout (default: $CATLASS_DIR)")
+    p_b.add_argument("--ascend-home", default=None, help="CANN installation (default: $ASCEND_HOME_PATH)")
+    p_b.add_argument("--build-dir", default=None, help="build folder (default: ~/.cache/qnpu/catlass-build)")
+    p_b.add_argument("--jobs", type=int, default=4, help="parallel compile jobs")
+    p_b.add_argument("--json", action="store_true", help="print one JSON object")
     p_r = sub.add_parser("recipes", help="list the built-in recipes")
     p_r.add_argument("--json", action="store_true", help="print one JSON object")
     p_f = sub.add_parser("families", help="the supported model families and their structure tables")
@@ -194,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
                 data = {"output": data["output"], "format": data["format"], "dtype": data["dtype"],
                         "layers": ", ".join(f"{n} {t}" for t, n in data["layer_types"].items()),
                         "size": f"{data['bytes'] / 2**20:.1f} MiB", "time": f"{data['wall_seconds']:.1f} s"}
+        elif args.command == "build-kernels":
+            from qnpu.lowering.ascend.kernels import KernelBuildError, build
+
+            try:
+                lib = build(catlass_dir=args.catlass_dir, ascend_home=args.ascend_home, build_dir=args.build_dir,
+                            jobs=args.jobs)
+            except KernelBuildError as err:
+                raise ValueError(str(err)) from None
+            data = {"library": str(lib), "load": f"QNPU_CATLASS_LIB={lib} (or leave it in the default build "
+                                                  "folder); the ascend target loads it"}
         elif args.command == "recipes":
             data = _recipes()
         elif args.command == "families":

@@ -2,10 +2,11 @@
 
 Importing this package registers ``torch.ops.qnpu.{npu_dynamic_quant, npu_quantize,
 npu_quant_matmul, npu_weight_quant_batchmatmul, npu_trans_quant_param,
-npu_convert_weight_to_int4pack}`` with bit-faithful reference kernels. `lower` turns a quantized
+npu_convert_weight_to_int4pack}`` with bit-faithful reference kernels, and qnpu's own
+``w4a8_matmul`` (the dense W4A8 op of the CATLASS kernels). `lower` turns a quantized
 model into one that calls them. Imports qcore and torch only; torch_npu only in ``ascend``.
 """
-from . import ops_matmul, ops_quant  # noqa: F401  (registers the ops)
+from . import ops_matmul, ops_quant, ops_w4a8  # noqa: F401  (registers the ops)
 from .encodings import decode_deq_scale, encode_deq_scale, fp19
 from .exports import FORMATS, export
 from .library import OpArgumentError

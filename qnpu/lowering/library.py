@@ -31,6 +31,10 @@ SCHEMAS = {
                                     "int inner_precise=0) -> Tensor",
     "npu_trans_quant_param": "npu_trans_quant_param(Tensor scale, Tensor? offset=None, int? round_mode=0) -> Tensor",
     "npu_convert_weight_to_int4pack": "npu_convert_weight_to_int4pack(Tensor weight, int inner_k_tiles=0) -> Tensor",
+    # qnpu's own op (no torch_npu counterpart): the dense W4A8 matmul of the CATLASS extension
+    # (qnpu/lowering/ascend/csrc), per-channel or per-group weight scales of any group size.
+    "w4a8_matmul": "w4a8_matmul(Tensor x1, Tensor x2, Tensor scale, Tensor pertoken_scale, *, Tensor? bias=None, "
+                   "int group_size=0, ScalarType? output_dtype=None) -> Tensor",
 }
 
 _LIB = torch.library.Library(NAMESPACE, "DEF")

@@ -59,10 +59,14 @@ def delegates(npu) -> dict:
 
 
 def register_kernels(npu, dispatch_key: str = "PrivateUse1") -> torch.library.Library:
-    """Register the torch_npu delegates for ``dispatch_key``; returns the library (keep it alive)."""
+    """Register the torch_npu delegates for ``dispatch_key``, except for ops that already have a
+    kernel there (the CATLASS library's, `kernels.load`); returns the library (keep it alive)."""
+    from .kernels import has_kernel
+
     lib = torch.library.Library("qnpu", "IMPL")
     for name, fn in delegates(npu).items():
-        lib.impl(name, fn, dispatch_key)
+        if not has_kernel(name, dispatch_key):
+            lib.impl(name, fn, dispatch_key)
     return lib
 
 
@@ -70,9 +74,13 @@ _LIBS = []
 
 
 def enable() -> None:
-    """Import torch_npu and install its kernels for the NPU dispatch key (once per process)."""
+    """Import torch_npu, load qnpu's CATLASS kernels when built (`kernels.load`) and install the
+    torch_npu delegates for the remaining ops on the NPU dispatch key (once per process)."""
     npu = torch_npu_module()
     if "PrivateUse1" not in _ENABLED:
+        from .kernels import load
+
+        load()
         _LIBS.append(register_kernels(npu))
         _ENABLED.add("PrivateUse1")
 

@@ -100,7 +100,7 @@ def test_codes_masks_bits_and_reconstruction(seed, out, n_in, block_size, fracti
     torch.testing.assert_close(billm_dequantize(bw), reconstruct(bw))
     assert bw.bits_per_weight == pytest.approx(expected_bits(bw), rel=1e-12)
     assert bw.paper_bits_per_weight == pytest.approx(1 + n_s / n_in, rel=1e-12)
-    assert 1.0 <= bw.paper_bits_per_weight <= 1.3
+    assert 1.0 <= bw.paper_bits_per_weight <= 1 + 1 / 3  # fraction 0.25 of a 3- or 6-column block rounds to 1/3
     assert bw.bits_per_weight >= bw.paper_bits_per_weight + (1 - n_s / n_in if split else 0) - 1e-12
 
 

@@ -12,9 +12,9 @@ from .exports import FORMATS, export
 from .library import OpArgumentError
 from .load_ascend_v1 import load_ascend_v1
 from .lower import REGISTRY, TARGETS, check_target, lower, plan, quantized_linears, scheme_counts
-from .modules import LoweredLinear, W4A8Linear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear
+from .modules import LoweredLinear, W4A8Linear, W4A8MatmulLinear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear
 from .schemes import SCHEMES, LoweringError, classify
 
 __all__ = ["export", "load_ascend_v1", "FORMATS", "lower", "plan", "check_target", "scheme_counts", "quantized_linears", "REGISTRY", "TARGETS", "SCHEMES", "LoweringError",
            "OpArgumentError", "classify", "fp19", "encode_deq_scale", "decode_deq_scale", "LoweredLinear",
-           "W8A8StaticLinear", "W8A8DynamicLinear", "WeightOnlyLinear", "W4A8Linear"]
+           "W8A8StaticLinear", "W8A8DynamicLinear", "WeightOnlyLinear", "W4A8Linear", "W4A8MatmulLinear"]

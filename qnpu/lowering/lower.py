@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .schemes import BUILDERS, LoweringError, classify, is_quantized_linear
+from .schemes import BUILDERS, LoweringError, build_w4a8, classify, is_quantized_linear
 
 
 class Target(NamedTuple):
@@ -49,8 +49,13 @@ def _ascend_check(label, module, scheme, dtype) -> None:
     check_layer(label, module, scheme, dtype)
 
 
+def _ascend_w4a8(label, m, dtype):
+    from .ascend.kernels import has_kernel
+    return build_w4a8(label, m, dtype, kernel=has_kernel("w4a8_matmul"))
+
+
 register_target(Target("reference", _no_prepare, _no_check), BUILDERS)
-register_target(Target("ascend", _ascend_prepare, _ascend_check), BUILDERS)
+register_target(Target("ascend", _ascend_prepare, _ascend_check), {**BUILDERS, "W4A8_DYNAMIC": _ascend_w4a8})
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

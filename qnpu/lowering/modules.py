@@ -113,3 +113,23 @@ class W4A8Linear(LoweredLinear):
         y = ops.npu_quant_matmul(xq, self.weight, self.scale, offset=self.y_offset, pertoken_scale=tok.unsqueeze(-1),
                                  output_dtype=self.dtype)
         return y if self.bias is None else (y.to(torch.float32) + self.bias).to(self.dtype)
+
+
+class W4A8MatmulLinear(LoweredLinear):
+    """Dense W4A8 on ``qnpu::w4a8_matmul`` (the CATLASS kernel's op): ``npu_dynamic_quant`` -> int4
+    weight ``(K, N/8)`` with fp32 scales per channel ``(N,)`` or per group ``(K/g, N)``, any group
+    that is a multiple of 32; the float bias goes to the op."""
+
+    scheme = "W4A8_DYNAMIC"
+
+    def __init__(self, *, weight, scale, bias, group_size, **kw) -> None:
+        super().__init__(**kw)
+        self.group_size = group_size
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def matmul(self, x):
+        xq, tok = ops.npu_dynamic_quant(x)
+        return ops.w4a8_matmul(xq, self.weight, self.scale, tok, bias=self.bias, group_size=self.group_size,
+                               output_dtype=self.dtype)

@@ -42,8 +42,8 @@ def _check(x1, x2, scale, pertoken_scale, bias, group_size, output_dtype):
     if group_size == 0:
         want = (n,)
     else:
-        require(group_size % GROUP_STEP == 0 and group_size < k, op,
-                f"group_size ({group_size}) must be a multiple of {GROUP_STEP} below k ({k}), or 0 (per channel)")
+        require(group_size % GROUP_STEP == 0 and group_size <= k, op,
+                f"group_size ({group_size}) must be a multiple of {GROUP_STEP} up to k ({k}), or 0 (per channel)")
         require(k % group_size == 0, op, f"k ({k}) must be a multiple of group_size ({group_size})")
         want = (k // group_size, n)
     require(scale.dtype == torch.float32 and tuple(scale.shape) == want, op,

@@ -17,8 +17,9 @@ import torch
 from qnpu.qcore import QTensor, pack_int4
 
 from .encodings import decode_deq_scale, encode_deq_scale
-from .modules import W4A8Linear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear
+from .modules import W4A8Linear, W4A8MatmulLinear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear
 from .ops_matmul import A8W4_GROUP
+from .ops_w4a8 import GROUP_STEP
 
 SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A8_DYNAMIC")
 
@@ -97,8 +98,11 @@ def classify(label: str, m) -> str:
             raise LoweringError(f"{label}: W8A8 dynamic needs per-channel weight scales; got groups of {ws.group_size}")
         return "W8A8_DYNAMIC"
     if ws.granularity == "group" and ws.group_size != A8W4_GROUP:
-        raise LoweringError(f"{label}: W4A8 per-group scales need group size {A8W4_GROUP} (torch_npu A8W4 "
-                            f"npu_quant_matmul, scale (k/256, n)); got {ws.group_size}")
+        k, n = q.codes.shape[1], q.codes.shape[0]
+        if ws.group_size % GROUP_STEP or k % ws.group_size or n % 8:
+            raise LoweringError(f"{label}: W4A8 per-group scales need groups of {A8W4_GROUP} (torch_npu A8W4) or, "
+                                f"for qnpu.w4a8_matmul, a multiple of {GROUP_STEP} dividing in_features ({k}) and "
+                                f"out_features ({n}) a multiple of 8; got groups of {ws.group_size}")
     return "W4A8_DYNAMIC"
 
 
@@ -181,8 +185,24 @@ def build_w4a8_codes(label, codes, scale, bias, dtype, widened=None):
                       label=label, in_features=k, out_features=out, dtype=dtype)
 
 
-def build_w4a8(label, m, dtype):
-    lowered = build_w4a8_codes(label, m.qweight.codes, _weight_rows(m.qweight)[0].detach(), m.bias, dtype)
+def build_w4a8_matmul(label, codes, scale, bias, dtype, group_size):
+    """W4A8 on ``qnpu::w4a8_matmul`` from int4 ``codes [out, in]`` and ``scale [out, 1 or in/group]``."""
+    out, k = codes.shape
+    s = _in_dtype(scale, dtype).to(torch.float32)
+    s = s[:, 0].contiguous() if group_size == 0 else s.t().contiguous()   # (n,) or (k / g, n)
+    return W4A8MatmulLinear(weight=pack_int4(codes.to(torch.int32).t().contiguous(), dim=-1), scale=s,
+                            bias=None if bias is None else _in_dtype(bias, dtype).to(torch.float32),
+                            group_size=group_size, label=label, in_features=k, out_features=out, dtype=dtype)
+
+
+def build_w4a8(label, m, dtype, kernel: bool = False):
+    """torch_npu's A8W4 (channel, groups of 256) or widened int8; other groups, or any W4A8 layer when
+    ``kernel`` (the CATLASS library serves ``w4a8_matmul``), on ``qnpu::w4a8_matmul``."""
+    scale, _, group = _weight_rows(m.qweight)
+    if kernel or group not in (0, A8W4_GROUP):
+        lowered = build_w4a8_matmul(label, m.qweight.codes, scale.detach(), m.bias, dtype, group)
+    else:
+        lowered = build_w4a8_codes(label, m.qweight.codes, scale.detach(), m.bias, dtype)
     lowered.online_hadamard = bool(m.online_hadamard)
     return lowered
 

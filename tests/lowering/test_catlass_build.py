@@ -123,3 +123,45 @@ def test_ascend_target_leaves_ops_with_a_loaded_kernel_alone(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+_ROUTE_SCRIPT = r"""
+import sys, warnings
+sys.path.insert(0, sys.argv[1])
+import torch
+from qnpu.lowering import LoweringError, W4A8MatmulLinear, lower, plan
+from qnpu.models import quantize_model
+from qnpu.transforms import recipes
+from tests.lowering import fake_torch_npu
+from tests.models.test_families import configs, ids, tiny_model
+sys.modules["torch_npu"] = fake_torch_npu
+
+def quantized(group):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(configs()["llama"])
+        return quantize_model(model, recipes.get("w4a8", group_size=group), ids(), progress=False).model.to(torch.bfloat16)
+
+grouped, channel = quantized(32), quantized(None)
+try:
+    plan(grouped, "ascend")
+    print("not refused")
+except LoweringError as err:
+    assert "qnpu build-kernels" in str(err) and "groups of 32" in str(err), err
+before = [type(m).__name__ for m in lower(channel, "ascend").modules() if hasattr(m, "scheme")]
+assert "W4A8MatmulLinear" not in before, before
+kernel_lib = torch.library.Library("qnpu", "IMPL")          # stands for the loaded CATLASS library
+kernel_lib.impl("w4a8_matmul", lambda *a, **k: None, "PrivateUse1")
+for model in (grouped, channel):
+    mods = [m for m in lower(model, "ascend").modules() if getattr(m, "scheme", "") == "W4A8_DYNAMIC"]
+    assert mods and all(isinstance(m, W4A8MatmulLinear) for m in mods), [type(m).__name__ for m in mods]
+print("ok")
+"""
+
+
+def test_ascend_target_routes_w4a8_to_the_kernel_op_when_loaded_and_refuses_other_groups_without(tmp_path):
+    script = tmp_path / "route.py"
+    script.write_text(_ROUTE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.stdout[-500:], proc.stderr[-2000:])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from qnpu.lowering import (LoweringError, W4A8Linear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear, lower,
+from qnpu.lowering import (LoweringError, W4A8Linear, W4A8MatmulLinear, W8A8DynamicLinear, W8A8StaticLinear, WeightOnlyLinear, lower,
                            plan, quantized_linears)
 from qnpu.models import quantize_model
 from qnpu.transforms import recipes
@@ -24,7 +24,7 @@ from tests.models.test_families import configs, ids, relative, tiny_model
 
 BOUND = {"W8A16": 1e-6, "W4A16": 1e-6, "W8A8_DYNAMIC": 1e-5, "W4A8_DYNAMIC": 1e-5, "W8A8": 2e-3}
 CASES = [("w8a8", None), ("w8a8-dynamic", None), ("w8a16", None), ("w8a16", 32), ("w4a16-gptq", None),
-         ("w4a16-gptq", 32), ("w4a8", None), ("w3a16-gptq", None)]
+         ("w4a16-gptq", 32), ("w4a8", None), ("w4a8", 32), ("w3a16-gptq", None)]
 
 
 def quantized(family: str = "llama", recipe: str = "w8a8-dynamic", group=None, config=None):
@@ -97,7 +97,25 @@ def test_w4a8_falls_back_to_widened_int8_when_k_is_not_a_multiple_of_256():
     assert mods and all(m.scheme == "W4A8_DYNAMIC" and int(m.weight.abs().max()) <= 8 for m in mods)
 
 
-@pytest.mark.parametrize("recipe,group", [("w8a8", None), ("w8a8-dynamic", None), ("w4a16-gptq", 32), ("w4a8", None)])
+def test_w4a8_groups_other_than_256_run_on_w4a8_matmul_with_fp32_scales():
+    model = quantized("llama", "w4a8", 32)
+    low = lower(model)
+    mods = [m for m in low.modules() if isinstance(m, (W4A8Linear, W8A8DynamicLinear, W4A8MatmulLinear))]
+    assert mods and all(isinstance(m, W4A8MatmulLinear) and m.group_size == 32 for m in mods)
+    for m in mods:
+        assert m.weight.dtype == torch.int32 and m.scale.dtype == torch.float32
+        assert m.scale.shape == (m.in_features // 32, m.out_features)   # (k / g, n), as the kernel reads it
+    q = dict(model.named_modules())[mods[0].label].qweight
+    assert torch.equal(mods[0].scale, q.scale.t().to(torch.float32))
+
+
+def test_w4a8_groups_the_kernel_cannot_take_are_refused_before_building():
+    with pytest.raises(LoweringError, match=r"q_proj: W4A8 per-group scales need groups of 256 .* a multiple of 32"):
+        plan(quantized("llama", "w4a8", 16))
+
+
+@pytest.mark.parametrize("recipe,group", [("w8a8", None), ("w8a8-dynamic", None), ("w4a16-gptq", 32), ("w4a8", None),
+                                          ("w4a8", 64)])
 def test_bf16_lowered_model_tracks_bf16_simulation(recipe, group):
     model = quantized("qwen2", recipe, group).to(torch.bfloat16)
     low = lower(model)

@@ -91,6 +91,12 @@ def check_layer(label: str, module, scheme: str, dtype: torch.dtype) -> None:
     if module.online_hadamard:
         raise LoweringError(f"{label}: an online Hadamard rotation has no Ascend op (vllm-ascend folds rotations "
                             "offline); use hadamard_rotation(online=False) or target='reference'")
+    group = module.qweight.spec.group_size if module.qweight.spec.granularity == "group" else 0
+    if scheme == "W4A8_DYNAMIC" and group not in (0, 256):
+        from .kernels import has_kernel
+        if not has_kernel("w4a8_matmul"):
+            raise LoweringError(f"{label}: W4A8 with groups of {group} runs on qnpu's CATLASS kernel, which is not "
+                                "loaded (torch_npu's A8W4 takes groups of 256 only): run `qnpu build-kernels`")
     if dtype not in (torch.float16, torch.bfloat16):
         raise LoweringError(f"{label}: torch_npu's quantized ops take float16/bfloat16 activations; the model is "
                             f"{dtype}: call model.to(torch.bfloat16) before lower(..., target='ascend')")

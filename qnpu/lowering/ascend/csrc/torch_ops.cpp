@@ -134,7 +134,7 @@ at::Tensor W4A8Matmul(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
     TORCH_CHECK(x2.dim() == 2 && x2.scalar_type() == at::kInt && x2.size(0) == x1.size(1),
                 "qnpu.w4a8_matmul: x2 must be int32 (k, n/8)");
     const int64_t k = x1.size(1), n = x2.size(1) * 8;
-    TORCH_CHECK(group_size == 0 || (group_size % 32 == 0 && group_size < k && k % group_size == 0),
+    TORCH_CHECK(group_size == 0 || (group_size % 32 == 0 && group_size <= k && k % group_size == 0),
                 "qnpu.w4a8_matmul: group_size must be 0 or a multiple of 32 dividing k");
     const at::ScalarType out = output_dtype.value_or(at::kHalf);
     qnpu::QuantMatmulArgs a;

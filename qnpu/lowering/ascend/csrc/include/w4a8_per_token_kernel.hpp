@@ -42,6 +42,11 @@ public:
     using EpilogueParams = typename BlockEpilogue::Params;
     static constexpr bool PER_GROUP = PER_GROUP_;
     static constexpr uint32_t WORKSPACE_STAGES = 2;
+    // the block's B-prologue hand-off (flagCopyBFinish / flagPrologueBFinish per stage) takes the
+    // cross-core flag IDs 0 .. 2 * STAGES - 1; this kernel's stage flags follow them
+    static constexpr Arch::FlagID FLAG_BASE = 2 * BlockMmad::STAGES;
+    static_assert(FLAG_BASE + 2 * WORKSPACE_STAGES <= Arch::AIV_INTER_BLOCK_BARRIER,
+                  "IDs from 8 on are CATLASS's inter-block barriers");
     static_assert(std::is_same_v<ElementC, int32_t>, "the block matmul must leave int32 for the epilogue");
 
     struct Params {
@@ -94,8 +99,8 @@ public:
     W4A8PerToken()
     {
         for (uint32_t s = 0; s < WORKSPACE_STAGES; ++s) {
-            aicStored[s] = Arch::CrossCoreFlag(2 * s);
-            aivDone[s] = Arch::CrossCoreFlag(2 * s + 1);
+            aicStored[s] = Arch::CrossCoreFlag(FLAG_BASE + 2 * s);
+            aivDone[s] = Arch::CrossCoreFlag(FLAG_BASE + 2 * s + 1);
         }
     }
 

@@ -1,19 +1,25 @@
 """The main jobs behind the CLI: quantize a model end to end with a report, and evaluate one.
 
-`quantize_job` checks its arguments (recipe, device, output folder) before any work, loads a model,
+`quantize_job` checks its arguments (recipe, device, counts, --seq-len against the model's
+config.json, an output folder it can create) before any work, loads a model,
 measures baseline perplexity, calibrates and quantizes it block by block with a recipe, measures
 the quantized perplexity and saves the checkpoint with the report (atomically). Everything it
 prints is also returned as a JSON-ready dict.
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from qnpu.eval import perplexity, tokenize_slice
+from qnpu.data import slice_names
+from qnpu.eval import WINDOW, perplexity, tokenize_slice
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
 from qnpu.models.default import default_cache_dir, load_default_tokenizer
@@ -35,11 +41,85 @@ def resolve_recipe(name_or_file: str, group_size: int | None = None) -> QTransfo
     return recipes.get(name_or_file, group_size=group_size)
 
 
+def check_counts(*, samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
+                 eval_tokens: int | None = None) -> None:
+    """Refuse, naming the CLI flag, a count that would fail once the model is loaded (None: not given)."""
+    limits = (("--samples", samples, 1, ""), ("--seq-len", seq_len, 2, " (a sequence of n tokens gives n - 1 "
+                                                                            "predictions)"),
+              ("--batch-size", batch_size, 1, ""),
+              ("--eval-tokens", eval_tokens, WINDOW, f" (perplexity is measured over windows of {WINDOW} tokens)"))
+    for flag, value, least, why in limits:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{flag} {value} is invalid; allowed: an integer >= {least}{why}")
+
+
+def check_seq_len(model: str | None, seq_len: int) -> None:
+    """Refuse a ``seq_len`` above the model's ``max_position_embeddings``, read from its config.json
+    without loading weights (not checked where there is no config.json: a .gguf file, or the default
+    model before its cache is built)."""
+    config = (default_cache_dir() if model in DEFAULT_NAMES else Path(model)) / "config.json"
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: loading names the problem
+        return
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < seq_len:
+        raise ValueError(f"--seq-len {seq_len} is above the model's maximum positions (max_position_embeddings "
+                         f"{limit} in {config}); use --seq-len {limit} or less")
+
+
+def check_output_folder(output: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that exists (without ``overwrite``) or cannot be
+    written: its ``<name>.partial-<pid>`` folder, where checkpoints and exports are first written, is
+    created and removed again, with any parent folders created for it."""
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it (--overwrite)")
+    if not path.name:
+        raise ValueError(f"--output {output} names no folder; give a folder name")
+    probe = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        existing = next(p for p in probe.parents if p.exists())
+        made = not probe.exists()
+        probe.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        hint = ""
+        if err.errno == errno.ENAMETOOLONG:
+            hint = (f"; the name must leave room for the '.partial-<pid>' suffix the folder is first written "
+                    f"under: use at most {_name_max(path.parent) - len('.partial-') - 7} characters")
+        raise ValueError(f"--output {output} cannot be created ({err.strerror or err}: {err.filename}){hint}; "
+                         "choose another --output") from None
+    if made:
+        with contextlib.suppress(OSError):  # (a folder something else wrote into meanwhile stays)
+            probe.rmdir()
+            for parent in probe.parents:
+                if parent == existing:
+                    break
+                parent.rmdir()
+
+
+def _name_max(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        try:
+            return os.pathconf(candidate, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def check_slices(slices) -> None:
+    """Refuse unknown evaluation slices (``--slices``) before anything is loaded."""
+    known = slice_names()
+    for name in slices:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"--slices: unknown slice {name!r}; {hint}allowed: {', '.join(known)}")
+
+
 def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
     """``[samples, seq_len]`` token ids from the calibration slice: the first ``samples`` chunks
     (the shared protocol) or, with a ``seed``, chunks at seeded random offsets."""
-    if samples <= 0 or seq_len <= 1:
-        raise ValueError(f"need samples >= 1 and seq_len >= 2; got samples={samples}, seq_len={seq_len}")
+    check_counts(samples=samples, seq_len=seq_len)
     ids = tokenize_slice(tokenizer, "calibration", "all")
     need = samples * seq_len
     if ids.numel() < need:
@@ -99,9 +179,10 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
             raise ValueError("--lowered needs the whole quantized model in memory; drop --stream (or run "
                              "`qnpu eval CHECKPOINT --lowered ...` on the streamed checkpoint)")
         check_target(lowered)
-    if output is not None and Path(output).exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
-                              "(--overwrite)")
+    check_counts(samples=samples, seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens)
+    check_seq_len(model, seq_len)
+    if output is not None:
+        check_output_folder(output, overwrite)
     if stream:
         return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
                            seq_len=seq_len, seed=seed, device=device, output=output, overwrite=overwrite,
@@ -201,6 +282,8 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
     that of the checkpoint lowered to integer ops for that target (checked before loading)."""
     if lowered is not None:
         check_target(lowered)
+    check_counts(eval_tokens=eval_tokens)
+    check_slices(slices)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
@@ -225,8 +308,7 @@ def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype
         raise ValueError(f"--format {format} is not supported; allowed: {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
-    if Path(output).exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it (--overwrite)")
+    check_output_folder(output, overwrite)
     net, tokenizer, source = load(checkpoint, progress=progress)
     if dtype is not None:
         net = net.to(DTYPES[dtype])

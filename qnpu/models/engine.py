@@ -38,6 +38,7 @@ the same object.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -71,6 +72,34 @@ from .qlinear import QLinear
 from .results import BlockResult, QuantizeResult, replaced_linears
 
 _OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
+# what allocators say when they cannot allocate: CUDA / NPU ("out of memory"), torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory" or "not enough memory", a RuntimeError), the OS (ENOMEM)
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says an allocator could not allocate: a `MemoryError` (also a bare one), a
+    ``torch.OutOfMemoryError``, or a RuntimeError whose message says so."""
+    return isinstance(err, _OOM_TYPES) or (isinstance(err, RuntimeError)
+                                           and any(w in str(err).lower() for w in _OOM_WORDS))
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(where: Callable[[], str]):
+    """Re-raise an allocation failure (`is_out_of_memory`) as one whose message starts with "out of
+    memory while " + ``where()`` and ends with the allocator's own detail on one line: a MemoryError
+    or torch.OutOfMemoryError keeps its type, a RuntimeError becomes a RuntimeError (the CLI exits 3 on
+    either). An error already named by an inner ``naming_out_of_memory`` passes through unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if getattr(err, "_qnpu_named", False) or not is_out_of_memory(err):
+            raise
+        detail = " ".join(str(err).split())
+        kind = type(err) if isinstance(err, _OOM_TYPES) else RuntimeError
+        named = kind(f"out of memory while {where()} ({type(err).__name__}{': ' + detail if detail else ''})")
+        named._qnpu_named = True
+        raise named from err
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -185,8 +214,10 @@ class LayerwiseCalibration:
 
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         hidden = []
+        where = f"running the model up to {self.family.layers}.0 on {ids.shape[0]} calibration sequences of " \
+                f"{ids.shape[1]} tokens"
         try:
-            with torch.no_grad():
+            with naming_out_of_memory(lambda: self.oom_where(where)), torch.no_grad():
                 for start in range(0, ids.shape[0], self.batch_size):
                     seen.clear()
                     try:
@@ -201,7 +232,8 @@ class LayerwiseCalibration:
                                          to_device(seen["kwargs"], self.device)))
         finally:
             handle.remove()
-        self.hidden = torch.cat(hidden)
+        with naming_out_of_memory(lambda: self.oom_where(where)):
+            self.hidden = torch.cat(hidden)
         if not bool(torch.isfinite(self.hidden).all()):
             raise ValueError(f"the inputs of {self.family.layers}.0 (the output of {self.family.embed}) have NaN/Inf "
                              "values: inspect the embedding weights and the model dtype")
@@ -215,21 +247,19 @@ class LayerwiseCalibration:
         prefix = f"{self.family.layers}.{index}."
         if self.hidden is None:
             raise RuntimeError("LayerwiseCalibration.step before capture()")
-        try:
-            with torch.no_grad():
-                return self._step(block, index, prefix)
-        except _OOM_TYPES as err:
-            raise type(err)(self._oom_message(prefix, index)) from err
-        except RuntimeError as err:
-            if "out of memory" in str(err).lower():
-                raise RuntimeError(self._oom_message(prefix, index)) from err
-            raise
+        with naming_out_of_memory(lambda: self.oom_where(f"quantizing block {index}", index)), torch.no_grad():
+            return self._step(block, index, prefix)
 
-    def _oom_message(self, prefix: str, index: int) -> str:
-        return (f"out of memory while quantizing block {index} ({prefix.rstrip('.')}) on {self.device} "
-                f"with {self.hidden.shape[0]} calibration sequences of {self.hidden.shape[1]} tokens: lower "
-                f"batch_size (qnpu quantize --batch-size, now {self.batch_size}), use fewer calibration "
-                "samples (--samples), or calibrate on the CPU (device='cpu')")
+    def oom_where(self, doing: str, index: int | None = None) -> str:
+        """``doing`` (e.g. "quantizing block 3") with the block's name, the device, the calibration
+        set and what to lower: the text of `naming_out_of_memory` for this run."""
+        block = "" if index is None else f" ({self.family.layers}.{index})"
+        data = "" if self.hidden is None else \
+            f" with {self.hidden.shape[0]} calibration sequences of {self.hidden.shape[1]} tokens"
+        other = "on another device (--device)" if self.device.type == "cpu" else "on the CPU (device='cpu')"
+        return (f"{doing}{block} on {self.device}{data}: lower batch_size (qnpu quantize --batch-size, now "
+                f"{self.batch_size}), use fewer calibration samples (--samples) or shorter ones (--seq-len), or "
+                f"calibrate {other}")
 
     def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         return first_output(block(x, *args, **kwargs))

@@ -24,7 +24,7 @@ from torch import nn
 
 from qnpu.transforms import QTransform
 
-from .engine import LayerwiseCalibration, progress_bar
+from .engine import LayerwiseCalibration, naming_out_of_memory, progress_bar
 from .results import BlockResult, QuantizeResult
 from .families import block_structure, family_for, hf_config
 from .loading import missing_tensors_error
@@ -149,16 +149,19 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     blocks = []
     with progress_bar(len(layers), progress) as bar:
         for i, block in enumerate(layers):
-            materialize(block, f"{family.layers}.{i}", index)
+            with naming_out_of_memory(lambda: run.oom_where(f"reading block {i}", i)):
+                materialize(block, f"{family.layers}.{i}", index)
             result = run.step(block, i)
-            on_block(result)
+            with naming_out_of_memory(lambda: run.oom_where(f"writing block {i}", i)):
+                on_block(result)
             blocks.append(dataclasses.replace(result, params={}, qweights={}, act_qparams={}, state=None))
             del result
             release(block)
             bar.set_postfix(error=f"{blocks[-1].output_error:.3g}")
             bar.update()
     names = [f"{family.final_norm}.weight"] + ([] if tied else [head])
-    loaded = index.load(names)
+    with naming_out_of_memory(lambda: run.oom_where(f"reading {' and '.join(names)} from {path}")):
+        loaded = index.load(names)
     embed = model.get_submodule(family.embed).weight.detach()
     edges = run.edges(embed, loaded[names[0]].to(dtype), None if tied else loaded[names[1]].to(dtype))
     if run.rotation is not None:

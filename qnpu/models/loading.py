@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .default import CACHE_META, DEFAULT_MODEL, default_cache_dir, load_default
+from .engine import is_out_of_memory, naming_out_of_memory
 from .families import PANGU_MODEL_TYPES, family_for, to_llama_config
 from .saving import load_quantized
 
@@ -95,11 +96,15 @@ def folder_source(path: Path) -> dict:
 @contextlib.contextmanager
 def _readable(path: Path):
     """Turn whatever the loaders raise on missing, corrupt or unreadable weight files into one
-    ValueError naming the folder (the loader's own message kept, and chained)."""
-    try:
-        yield
-    except (KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 - transformers / safetensors / OS errors alike
-        raise ValueError(f"model at {path} could not be loaded ({type(err).__name__}: {err}); check that its "
-                         "weight files are complete and readable") from err
+    ValueError naming the folder (the loader's own message kept, and chained); running out of
+    memory stays an out-of-memory error, naming the folder (`naming_out_of_memory`)."""
+    with naming_out_of_memory(lambda: f"loading the model at {path}"):
+        try:
+            yield
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - transformers / safetensors / OS errors alike
+            if is_out_of_memory(err):
+                raise
+            raise ValueError(f"model at {path} could not be loaded ({type(err).__name__}: {err}); check that its "
+                             "weight files are complete and readable") from err

@@ -32,7 +32,7 @@ from qnpu.qcore import QSpec
 
 from .activations import activation_scales
 from .awq import awq
-from .base import QTransform, recipe_from_dict
+from .base import QTransform, recipe_from_dict, registered_transforms
 from .billm import billm
 from .combinators import chain, masked, quant_specs
 from .gptaq import gptaq
@@ -117,23 +117,67 @@ def get(name: str, group_size: int | None = None) -> QTransform:
 
 
 def load(path: str | Path) -> QTransform:
-    """A recipe from a JSON or YAML file holding `recipe_to_dict` output."""
+    """A recipe from a JSON or YAML file holding `recipe_to_dict` output. Every error is one line
+    starting ``recipe file <path>:``: malformed text (with its line and column), an unknown transform
+    anywhere in the tree (with the close registered names), a seed that is not an int >= 0, or
+    what the transform itself refuses."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe file holds one mapping with a 'transform' key")
     try:
+        data = _read(path)
+        if not isinstance(data, dict) or "transform" not in data:
+            raise ValueError(f"it must hold one mapping with a 'transform' key (as recipe_to_dict writes); "
+                             f"it holds {type(data).__name__ if not isinstance(data, dict) else 'a mapping without one'}")
+        _check_entries(data, "the top level")
         return recipe_from_dict(data)
     except ValueError as err:  # name the file: the message names the parameter
         raise ValueError(f"recipe file {path}: {err}") from None
+
+
+def _read(path: Path):
+    """The parsed file; parse errors become one-line ValueErrors with the line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
+    if path.suffix not in (".yaml", ".yml"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if mark is None:
+            raise ValueError(f"not valid YAML: {' '.join(str(err).split())}") from None
+        what = ", ".join(str(p) for p in (getattr(err, "context", None), err.problem) if p)
+        raise ValueError(f"not valid YAML: {what} at line {mark.line + 1} column {mark.column + 1}") from None
+
+
+def _check_entries(obj, where: str) -> None:
+    """Every mapping with a 'transform' key names a registered transform, and its seed (if any) is
+    an int >= 0: checked before anything is built, so the message says which entry is wrong (not
+    "argument 0 is dict") and no seed is coerced (1.5 or "1" read as 1)."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _check_entries(item, f"{where}[{i}]" if where != "the top level" else f"[{i}]")
+        return
+    if not isinstance(obj, dict):
+        return
+    if "transform" in obj:
+        name = obj["transform"]
+        known = registered_transforms()
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+            hint = f", did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"unknown transform {name!r}{hint} (at {where}; registered transforms: "
+                             f"{', '.join(known)})")
+        seed = obj.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{name}: seed={seed!r}; allowed: an int >= 0 (at {where})")
+    for key, value in obj.items():
+        _check_entries(value, key if where == "the top level" else f"{where}.{key}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import platform
 import sys
 
@@ -41,9 +42,31 @@ def _hadamard(n: int) -> dict:
             "fast_cost_per_row": n * (p2.bit_length() - 1 + m)}
 
 
+def json_safe(data):
+    """``data`` with every non-finite float (a NaN perplexity) replaced by None, at any depth; in a
+    mapping, ``<key>_note`` says what it was ("non-finite (nan)"). Strict JSON has no NaN/Infinity."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out[key] = json_safe(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                out[f"{key}_note"] = f"non-finite ({value})"
+        return out
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
+def _print_json(data: dict) -> None:
+    """The one JSON emitter of every subcommand's ``--json``: one line of strict JSON."""
+    print(json.dumps(json_safe(data), default=str, allow_nan=False))
+
+
 def _emit(data: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(data))
+        _print_json(data)
     else:
         width = max(len(k) for k in data)
         for key, value in data.items():
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
                                   progress=True, batch_size=args.batch_size, stream=args.stream,
                                   lowered=args.lowered)
-            print(json.dumps(report, default=str)) if args.json else _print_report(report)
+            _print_json(report) if args.json else _print_report(report)
             return 0
         if args.command == "eval":
             from qnpu.jobs import eval_job

@@ -53,6 +53,26 @@ def check_counts(*, samples: int | None = None, seq_len: int | None = None, batc
             raise ValueError(f"{flag} {value} is invalid; allowed: an integer >= {least}{why}")
 
 
+def check_not_quantized(model: str | None) -> None:
+    """Refuse to quantize a qnpu checkpoint (a folder with ``qnpu.json``) again: its weights are
+    already rounded onto a grid, and quantizing them once more compounds the error of both recipes."""
+    meta_file = Path(model) / "qnpu.json" if model not in DEFAULT_NAMES else None
+    if meta_file is None or not meta_file.is_file():
+        return
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    report = (meta.get("extra") or {}).get("report") or {}
+    source = meta.get("source") or {}
+    recipe = f" (quantized by recipe {report['recipe']})" if report.get("recipe") else ""
+    original = "default" if source.get("kind") == "default" else source.get("path") or source.get("name")
+    instead = f": --model {original}" if original else ""
+    raise ValueError(f"--model {model} is already a qnpu checkpoint{recipe}; quantizing it again would "
+                     f"quantize its rounded weights: quantize the original model instead{instead}")
+
+
 def check_seq_len(model: str | None, seq_len: int) -> None:
     """Refuse a ``seq_len`` above the model's ``max_position_embeddings``, read from its config.json
     without loading weights (not checked where there is no config.json: a .gguf file, or the default
@@ -179,6 +199,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
             raise ValueError("--lowered needs the whole quantized model in memory; drop --stream (or run "
                              "`qnpu eval CHECKPOINT --lowered ...` on the streamed checkpoint)")
         check_target(lowered)
+    check_not_quantized(model)
     check_counts(samples=samples, seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens)
     check_seq_len(model, seq_len)
     if output is not None:
@@ -238,9 +259,9 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
         folder, source = default_cache_dir(), default_source()
     else:
         folder = Path(model)
-        if not (folder / "config.json").is_file() or (folder / "qnpu.json").is_file():
+        if not (folder / "config.json").is_file():
             raise ValueError(f"--stream reads a Hugging Face folder (config.json + safetensors) block by block; "
-                             f"{folder} is not one (a .gguf or a qnpu checkpoint loads whole: drop --stream)")
+                             f"{folder} is not one (a .gguf file loads whole: drop --stream)")
         source = folder_source(folder)
     if not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"{folder} has no tokenizer files; qnpu needs one to tokenize calibration text")

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import qnpu
@@ -28,6 +29,16 @@ from qnpu.qcore import QSpec, QTensor
 
 FORMAT = "qnpu-checkpoint"
 FORMAT_VERSION = 1
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], file: Path, final: Path) -> None:
+    """``save_file``, with a failed write (a full disk, a lost mount: safetensors' own error or an
+    OSError) raised as one OSError naming the shard file; ``final`` is left as it was."""
+    try:
+        save_file(tensors, str(file))
+    except (SafetensorError, OSError) as err:
+        raise OSError(f"could not write checkpoint file {file} ({' '.join(str(err).split())}); {final} is "
+                      "left as it was") from err
 
 
 class CheckpointWriter:
@@ -74,7 +85,7 @@ class CheckpointWriter:
                 entry["act_qparams"] = True
             self.meta["linears"][label] = entry
         name = f"shard-{len(self.meta['shards']):05d}.safetensors"
-        save_file(shard, str(self.tmp / name))
+        _save_shard(shard, self.tmp / name, self.path)
         self.meta["shards"].append(name)
 
     def close(self, extra: dict | None = None, hf_config: dict | None = None) -> Path:

@@ -10,6 +10,7 @@ states of the calibration set + the embedding; the final norm and lm_head are re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qnpu.transforms import QTransform
@@ -34,16 +35,39 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+@contextlib.contextmanager
+def _weight_file(path: Path):
+    """safetensors' error on a damaged weight file (truncated, empty, a header that is not valid
+    JSON or does not match the file's size) as one ValueError naming the file."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"weight file {path} is damaged ({' '.join(str(err).split())}): download or convert "
+                         "it again") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded folder's index file (tensor name -> file name)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise TypeError("weight_map is not an object of file names")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"weight index {index} is damaged ({type(err).__name__}: {err}): download it "
+                         "again") from None
+    return weight_map
+
+
 class SafetensorsIndex:
     """Tensor name -> file of a safetensors checkpoint folder (sharded index, single file, or any
-    ``*.safetensors`` files), with loads grouped by file."""
+    ``*.safetensors`` files), with loads grouped by file. A damaged file or index is a ValueError
+    naming it."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / f for name, f in weight_map.items()}
+            self.files = {name: self.folder / f for name, f in _weight_map(index).items()}
         else:
             paths = [self.folder / SINGLE_FILE] if (self.folder / SINGLE_FILE).is_file() else \
                 sorted(self.folder.glob("*.safetensors"))
@@ -52,7 +76,7 @@ class SafetensorsIndex:
                                         f"{SINGLE_FILE} or *.safetensors)")
             self.files = {}
             for p in paths:
-                with safe_open(str(p), framework="pt") as f:
+                with _weight_file(p), safe_open(str(p), framework="pt") as f:
                     self.files.update({name: p for name in f.keys()})
 
     def __contains__(self, name: str) -> bool:
@@ -68,7 +92,7 @@ class SafetensorsIndex:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, group in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with _weight_file(path), safe_open(str(path), framework="pt") as f:
                 for n in group:
                     out[n] = f.get_tensor(n)
         return out
@@ -81,6 +105,10 @@ def materialize(module: nn.Module, prefix: str, index: SafetensorsIndex) -> None
     loaded = index.load([f"{prefix}.{n}" for n, _ in meta])
     for name, t in meta:
         value = loaded[f"{prefix}.{name}"].to(t.dtype)
+        if value.shape != t.shape:  # assigned as is, it would fail deep in a forward pass
+            raise ValueError(f"weight file {index.files[f'{prefix}.{name}']}: tensor {prefix}.{name} has shape "
+                             f"{tuple(value.shape)}, its config.json needs {tuple(t.shape)}: the file does not "
+                             "belong to this config, or is damaged")
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         if leaf in owner._parameters:

@@ -67,7 +67,7 @@ def test_prerequisites_are_checked_in_order_and_named(clean_env, tmp_path):
 def test_build_kernels_cli_refuses_in_one_line_without_cann(clean_env, capsys):
     assert main(["build-kernels"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["qnpu build-kernels: error: ASCEND_HOME_PATH is not set: install CANN >= 8.2 and source its "
+    assert err == ["qnpu build-kernels: error: ASCEND_HOME_PATH is not set: install CANN >= 8.5 and source its "
                    "set_env.sh (or pass --ascend-home)"]
 
 

@@ -43,6 +43,18 @@ def test_chosen_tilings_fit_the_a2_buffers(tiling):
     assert used["L1"] == 2 * (128 * 512 + 512 * 256) <= km.A2_BUFFERS["L1"]
 
 
+def test_w4a8_prologue_and_epilogue_share_ub_without_overlap():
+    used = km.W4A8_TILING.buffers()["UB"]
+    assert used == 7 * 8192 + 64 * 256 * 4 + 32 * 256 * 8 + 256 * 4 <= km.A2_BUFFERS["UB"]
+    # example 32's cast length would leave no room for the fp32 accumulator above it
+    with pytest.raises(km.TilingError, match="UB"):
+        km.Tiling("ex32", l1=(128, 256, 512), l0=(128, 256, 128), epilogue=(32, 256),
+                  prologue_cast_len=24 * 1024).check()
+    text = (CSRC / "kernels" / "w4a8.cpp").read_text()
+    assert "CAST_COMPUTE_LEN = 32 * L1TileShape::N" in text and km.W4A8_TILING.prologue_cast_len == 32 * 256
+    assert "PROLOGUE_UB_BYTES = 2 * (CAST_COMPUTE_LEN / 2 + CAST_COMPUTE_LEN + CAST_COMPUTE_LEN * 2)" in text
+
+
 @pytest.mark.parametrize("l1,l0,what", [((256, 256, 512), (256, 256, 128), "L0C"),   # 256 KiB of int32
                                         ((128, 256, 1024), (128, 256, 128), "L1"),
                                         ((128, 256, 512), (128, 256, 256), "L0B"),

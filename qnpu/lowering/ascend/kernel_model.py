@@ -14,7 +14,8 @@ reference ops (docs/architecture.md, "CATLASS kernels"):
 
 ``w4a8`` (``csrc/kernels/w4a8.cpp``; the int4 -> int8 prologue of example ``32_w4a8_matmul``)
     The AIV cores widen each int4 weight tile to int8 in a workspace; the cube multiplies int8 x
-    int8. Per channel (``group_size == 0``) the rest is the W8A8 path above. Per group, each K
+    int8. Per channel (``group_size == 0``) the numerics are the W8A8 path above (qnpu's epilogue
+    with one group performs CATLASS's fp32 steps in the same order). Per group, each K
     group is one block-level matmul whose exact int32 result goes to a workspace; qnpu's AIV
     epilogue (``csrc/include/epilogue_group_dequant.hpp``) keeps an fp32 accumulator per block
     row and, group after group, adds ``fp32(C_g) * scale[g, n]`` (each product and each sum
@@ -67,16 +68,22 @@ class Tiling:
     l0c_stages: int = 1
     ub_stages: int = 2
     workspace_stages: int = 2
+    prologue_cast_len: int = 0          # W4A8: TileCastInt4ToInt8's COMPUTE_LEN (0: no prologue)
 
     def buffers(self) -> dict[str, int]:
-        """Bytes used per buffer: int8 A/B tiles, int32 L0C, and the epilogue's UB working set
-        (int32 C, fp32 scale / per-token / bias rows, fp16 D per stage; fp32 temporaries)."""
+        """Bytes used per buffer: int8 A/B tiles, int32 L0C and UB. UB without a prologue: CATLASS's
+        per-token epilogue (int32 C, fp32 scale / per-token rows, fp16 D per stage; fp32 temporaries).
+        With the int4 -> int8 prologue: the cast's two stages of int4 in, int8 out and fp16 work
+        (7 x COMPUTE_LEN bytes from offset 0, held for the whole kernel) under qnpu's group epilogue
+        (half the block's rows of fp32 accumulator, one tile of int32 and fp32 C, the scale row)."""
         (m1, n1, k1), (m0, n0, k0), (er, ec) = self.l1, self.l0, self.epilogue
-        per_stage = er * ec * 4 + ec * 4 + er * 4 + ec * 4 + er * ec * 2
-        temps = er * ec * 4 * 2 + ec * 4 + er * 4 + er * 32
+        if self.prologue_cast_len:
+            ub = 7 * self.prologue_cast_len + (m1 // 2) * n1 * 4 + er * ec * 8 + n1 * 4
+        else:
+            per_stage = er * ec * 4 + ec * 4 + er * 4 + ec * 4 + er * ec * 2
+            ub = self.ub_stages * per_stage + er * ec * 4 * 2 + ec * 4 + er * 4 + er * 32
         return {"L1": self.l1_stages * (m1 * k1 + k1 * n1), "L0A": self.l0a_stages * m0 * k0,
-                "L0B": self.l0b_stages * k0 * n0, "L0C": self.l0c_stages * m0 * n0 * 4,
-                "UB": self.ub_stages * per_stage + temps}
+                "L0B": self.l0b_stages * k0 * n0, "L0C": self.l0c_stages * m0 * n0 * 4, "UB": ub}
 
     def check(self) -> None:
         """Raise `TilingError` unless the tiles nest, align to the int8 fractal and fit A2."""
@@ -96,7 +103,9 @@ class Tiling:
 # 128 x 256 block fills L0C (128 KiB of int32) exactly, K = 512 per L1 stage keeps two stages of
 # A and B in 384 KiB of L1, and L0 K = 128 double-buffers L0A / L0B within 64 KiB.
 W8A8_TILING = Tiling("w8a8_per_token", l1=(128, 256, 512), l0=(128, 256, 128), epilogue=(32, 256))
-W4A8_TILING = Tiling("w4a8", l1=(128, 256, 512), l0=(128, 256, 128), epilogue=(32, 256))
+# The cast widens 32 rows of the (K, 256) tile per pass: a COMPUTE_LEN of 32 x 256 leaves UB room for
+# the group epilogue above it (example 32's 24 Ki would take 168 of the 192 KiB).
+W4A8_TILING = Tiling("w4a8", l1=(128, 256, 512), l0=(128, 256, 128), epilogue=(32, 256), prologue_cast_len=32 * 256)
 
 
 def _exact_tile_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

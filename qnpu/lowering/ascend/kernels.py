@@ -41,7 +41,7 @@ def check_prerequisites(catlass_dir: str | None, ascend_home: str | None) -> tup
     """``(ascend_home, catlass_dir)`` after checking CANN, CATLASS, cmake and torch_npu."""
     home = ascend_home or os.environ.get("ASCEND_HOME_PATH")
     if not home:
-        raise KernelBuildError("ASCEND_HOME_PATH is not set: install CANN >= 8.2 and source its set_env.sh "
+        raise KernelBuildError("ASCEND_HOME_PATH is not set: install CANN >= 8.5 and source its set_env.sh "
                                "(or pass --ascend-home)")
     if not Path(home, "include").is_dir():
         raise KernelBuildError(f"ASCEND_HOME_PATH={home} has no include/ folder: not a CANN installation")

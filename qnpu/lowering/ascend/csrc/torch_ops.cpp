@@ -46,9 +46,14 @@ uint8_t* Ptr(const at::Tensor& t)
 template <class Launch>
 void Enqueue(const char* name, Launch launch)
 {
-    // the pattern of CATLASS examples/python_extension: run on torch_npu's current stream
+    // the pattern of CATLASS examples/python_extension: run on torch_npu's current stream. With the
+    // task queue on, RunOpApiV2 runs the lambda later on torch_npu's dispatch thread, whose current
+    // stream is its own default one: take the caller's stream here (stream(false): no queue flush).
+    // Only raw pointers are captured: the caching allocator reuses a freed block only for work
+    // queued after this launch on the same stream.
+    aclrtStream stream = c10_npu::getCurrentNPUStream().stream(false);
     at_npu::native::OpCommand::RunOpApiV2(name, [=]() -> int {
-        launch(c10_npu::getCurrentNPUStream().stream(false));
+        launch(stream);
         return 0;
     });
 }
@@ -64,7 +69,7 @@ at::Tensor WithBias(at::Tensor y, const c10::optional<at::Tensor>& bias)
 // Call torch_npu's op of the same name, filling its (longer) argument list by name.
 at::Tensor ForwardToTorchNpu(const char* op, std::unordered_map<std::string, c10::IValue> named)
 {
-    static const c10::OperatorHandle handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
+    const c10::OperatorHandle handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
     torch::jit::Stack stack;
     for (const auto& arg : handle.schema().arguments()) {
         auto it = named.find(arg.name());
@@ -81,13 +86,23 @@ at::Tensor ForwardToTorchNpu(const char* op, std::unordered_map<std::string, c10
 
 bool IsW8A8PerToken(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& scale,
                     const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& pertoken,
-                    at::ScalarType out, const c10::OptionalIntArrayRef& groups)
+                    const c10::optional<at::Tensor>& bias, at::ScalarType out, const c10::OptionalIntArrayRef& groups)
 {
+    // an int32 bias belongs in the int32 accumulator, before the dequant: only a float bias (float32 or
+    // the output dtype, (n,)) can be added after the kernel
+    auto floatBias = [&] {   // called once x2 is known to be 2-d
+        return !bias.has_value() ||
+               (bias->dim() == 1 && bias->size(0) == x2.size(1) && bias->device() == x1.device() &&
+                (bias->scalar_type() == at::kFloat || bias->scalar_type() == out));
+    };
+    // anything else (mismatched shapes, k == 0, other devices) goes to torch_npu, which raises
     return x1.dim() == 2 && x2.dim() == 2 && x1.scalar_type() == at::kChar && x2.scalar_type() == at::kChar &&
-           scale.dim() == 1 && scale.size(0) == x2.size(1) &&
+           x1.size(1) == x2.size(0) && x1.size(1) > 0 && scale.dim() == 1 && scale.size(0) == x2.size(1) &&
            (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16) && !offset.has_value() &&
-           pertoken.has_value() && pertoken->scalar_type() == at::kFloat && (out == at::kHalf || out == at::kBFloat16) &&
-           !(groups.has_value() && !groups->empty()) && x1.is_contiguous() && x2.is_contiguous();
+           pertoken.has_value() && pertoken->scalar_type() == at::kFloat && pertoken->numel() == x1.size(0) &&
+           (out == at::kHalf || out == at::kBFloat16) && !(groups.has_value() && !groups->empty()) &&
+           x1.is_contiguous() && x2.is_contiguous() && scale.device() == x1.device() &&
+           pertoken->device() == x1.device() && x2.device() == x1.device() && floatBias();
 }
 
 at::Tensor QuantMatmul(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& scale,
@@ -96,7 +111,7 @@ at::Tensor QuantMatmul(const at::Tensor& x1, const at::Tensor& x2, const at::Ten
                        c10::OptionalIntArrayRef group_sizes)
 {
     const at::ScalarType out = output_dtype.value_or(at::kChar);
-    if (!IsW8A8PerToken(x1, x2, scale, offset, pertoken_scale, out, group_sizes)) {
+    if (!IsW8A8PerToken(x1, x2, scale, offset, pertoken_scale, bias, out, group_sizes)) {
         std::unordered_map<std::string, c10::IValue> named{
             {"x1", x1}, {"x2", x2}, {"scale", scale}, {"offset", offset}, {"pertoken_scale", pertoken_scale},
             {"bias", bias}, {"output_dtype", output_dtype}};
@@ -133,9 +148,21 @@ at::Tensor W4A8Matmul(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
     TORCH_CHECK(x1.dim() == 2 && x1.scalar_type() == at::kChar, "qnpu.w4a8_matmul: x1 must be 2-d int8");
     TORCH_CHECK(x2.dim() == 2 && x2.scalar_type() == at::kInt && x2.size(0) == x1.size(1),
                 "qnpu.w4a8_matmul: x2 must be int32 (k, n/8)");
-    const int64_t k = x1.size(1), n = x2.size(1) * 8;
-    TORCH_CHECK(group_size == 0 || (group_size % 32 == 0 && group_size <= k && k % group_size == 0),
+    const int64_t m = x1.size(0), k = x1.size(1), n = x2.size(1) * 8;
+    TORCH_CHECK(k > 0 && k <= 65535 && n > 0 && n <= 65535, "qnpu.w4a8_matmul: k and n must lie in [1, 65535]");
+    TORCH_CHECK(group_size == 0 || (group_size > 0 && group_size % 32 == 0 && group_size <= k && k % group_size == 0),
                 "qnpu.w4a8_matmul: group_size must be 0 or a multiple of 32 dividing k");
+    const int64_t groups = group_size == 0 ? 0 : k / group_size;
+    TORCH_CHECK(scale.scalar_type() == at::kFloat &&
+                    (group_size == 0 ? scale.dim() == 1 && scale.size(0) == n
+                                     : scale.dim() == 2 && scale.size(0) == groups && scale.size(1) == n),
+                "qnpu.w4a8_matmul: scale must be float32 (n,) per channel or (k / group_size, n) per group");
+    TORCH_CHECK(pertoken_scale.scalar_type() == at::kFloat && pertoken_scale.dim() == 1 && pertoken_scale.size(0) == m,
+                "qnpu.w4a8_matmul: pertoken_scale must be float32 (m,)");
+    TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == n),
+                "qnpu.w4a8_matmul: bias must be float32 (n,)");
+    TORCH_CHECK(x2.device() == x1.device() && scale.device() == x1.device() && pertoken_scale.device() == x1.device(),
+                "qnpu.w4a8_matmul: all tensors must be on the same device");
     const at::ScalarType out = output_dtype.value_or(at::kHalf);
     qnpu::QuantMatmulArgs a;
     a.m = x1.size(0);
@@ -144,13 +171,17 @@ at::Tensor W4A8Matmul(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
     a.groupSize = group_size;
     a.out = OutOf(out);
     // int32 words of eight int4 along n are, byte by byte, example 32's pairs (low nibble first)
+    at::Tensor x = x1.contiguous();
     at::Tensor w = x2.contiguous();
-    at::Tensor scale32 = scale.to(at::kFloat).contiguous();
-    at::Tensor tok = pertoken_scale.reshape({-1}).contiguous();
-    at::Tensor y = at::empty({a.m, n}, x1.options().dtype(out));
+    at::Tensor scale32 = scale.contiguous();
+    at::Tensor tok = pertoken_scale.contiguous();
+    at::Tensor y = at::empty({m, n}, x1.options().dtype(out));
+    if (m == 0) {
+        return y;
+    }
     const uint32_t cores = AicCores();
     at::Tensor ws = Workspace(qnpu::W4A8Workspace(a, cores), x1);
-    a.x = Ptr(x1);
+    a.x = Ptr(x);
     a.w = Ptr(w);
     a.scale = Ptr(scale32);
     a.perTokenScale = Ptr(tok);

@@ -5,9 +5,12 @@
 //     acc  = (g == 0 ? 0 : acc) + fp32(C_g) * scale[g, n]         (fp32, each step rounded)
 //     y    = rint_cast(acc * pertoken[m])                          (after the last group)
 // The accumulator stays in UB between calls: each of the two AIV sub-blocks owns half the block's
-// rows (64 x 256 fp32 = 64 KiB). CATLASS has no epilogue for K-group dequantization; the tile
-// copies are CATLASS's, the arithmetic is AscendC's vector Cast / Mul / Add / Muls.
-// Synchronisation uses full pipe barriers: correct, not yet double-buffered.
+// rows (64 x 256 fp32 = 64 KiB). Per channel is the same with one group (scale (1, n)). CATLASS has
+// no epilogue for K-group dequantization; the tile copies are CATLASS's, the arithmetic is
+// AscendC's vector Cast / Mul / Add / Muls. Synchronisation uses full pipe barriers and no event
+// IDs (the B prologue's TileCastInt4ToInt8 holds V_MTE2 / MTE3_V 0 and 1 for the whole kernel):
+// correct, not yet double-buffered. The buffers start at UB_BASE, above the prologue's UB, so the
+// accumulator survives the prologue that runs between two groups.
 #ifndef QNPU_EPILOGUE_GROUP_DEQUANT_HPP
 #define QNPU_EPILOGUE_GROUP_DEQUANT_HPP
 
@@ -23,7 +26,7 @@
 namespace qnpu::epilogue {
 using namespace Catlass;
 
-template <class ArchTag_, class ElementD_, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t TILE_ROWS>
+template <class ArchTag_, class ElementD_, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t TILE_ROWS, uint32_t UB_BASE = 0>
 class GroupDequantEpilogue {
 public:
     using ArchTag = ArchTag_;
@@ -31,9 +34,11 @@ public:
     static constexpr uint32_t HALF_ROWS = BLOCK_M / 2;                   // rows per AIV sub-block
     static_assert(HALF_ROWS % TILE_ROWS == 0, "a sub-block's rows must split into whole tiles");
     static constexpr uint32_t TILE = TILE_ROWS * BLOCK_N;
-    static_assert(HALF_ROWS * BLOCK_N * 4 + TILE * (4 + 4 + sizeof(ElementD)) + BLOCK_N * 4 + HALF_ROWS * 4 <=
-                      ArchTag::UB_SIZE,
-                  "the fp32 accumulator and one tile's buffers must fit UB");
+    static_assert(UB_BASE % BYTE_PER_BLK == 0, "UB buffers must start 32-byte aligned");
+    static_assert(sizeof(ElementD) <= sizeof(int32_t), "ubD reuses ubC's bytes");
+    // accumulator + int32 C (also the output tile) + fp32 C + the scale row
+    static constexpr uint32_t UB_BYTES = HALF_ROWS * BLOCK_N * 4 + TILE * (4 + 4) + BLOCK_N * 4;
+    static_assert(UB_BASE + UB_BYTES <= ArchTag::UB_SIZE, "the fp32 accumulator and one tile's buffers must fit UB");
 
     struct Params {
         __gm__ float* ptrScale{nullptr};          // (k / group, n)
@@ -45,15 +50,15 @@ public:
     CATLASS_DEVICE
     GroupDequantEpilogue(Arch::Resource<ArchTag> const& resource, Params const& params_) : params(params_)
     {
-        size_t offset = 0;
+        size_t offset = UB_BASE;
         ubAcc = resource.ubBuf.template GetBufferByByte<float>(offset);
         offset += HALF_ROWS * BLOCK_N * sizeof(float);
         ubC = resource.ubBuf.template GetBufferByByte<int32_t>(offset);
+        // C is consumed by the first Cast (then PIPE_V / PIPE_ALL barriers) before D is written
+        ubD = resource.ubBuf.template GetBufferByByte<ElementD>(offset);
         offset += TILE * sizeof(int32_t);
         ubCFp32 = resource.ubBuf.template GetBufferByByte<float>(offset);
         offset += TILE * sizeof(float);
-        ubD = resource.ubBuf.template GetBufferByByte<ElementD>(offset);
-        offset += TILE * sizeof(ElementD);
         ubScale = resource.ubBuf.template GetBufferByByte<float>(offset);
     }
 

@@ -9,8 +9,10 @@
 //    the cross-core flags of Gemm::Kernel::QuantMatmulMultiStageWorkspace (example 12).
 //      - per channel: one block matmul over the whole K;
 //      - per group: one block matmul per K group (K of the call = group size).
-//  * AIV, epilogue: per channel, CATLASS's EpilogueAtlasA2PerTokenDequant; per group, qnpu's
-//    GroupDequantEpilogue (fp32 accumulation of scale[g, n] * C_g, then per token).
+//  * AIV, epilogue: qnpu's GroupDequantEpilogue (fp32 accumulation of scale[g, n] * C_g, then per
+//    token); per channel is its one-group case. CATLASS's EpilogueAtlasA2PerTokenDequant cannot
+//    share the AIV with the prologue: both take UB from offset 0 and pre-set the same V_MTE2 /
+//    MTE3_V event IDs in their constructors (a second set_flag before a wait is illegal).
 // Numerics: lowering/ascend/kernel_model.py::w4a8.
 #ifndef QNPU_W4A8_PER_TOKEN_KERNEL_HPP
 #define QNPU_W4A8_PER_TOKEN_KERNEL_HPP
@@ -24,7 +26,7 @@
 namespace qnpu::kernel {
 using namespace Catlass;
 
-template <class BlockMmad_, class BlockEpilogue_, class BlockScheduler_, bool PER_GROUP_>
+template <class BlockMmad_, class BlockEpilogue_, class BlockScheduler_>
 class W4A8PerToken {
 public:
     using BlockMmad = BlockMmad_;
@@ -40,7 +42,6 @@ public:
     using LayoutPrologueB = typename BlockMmad::PrologueB::LayoutSrc;
     using ElementC = typename BlockMmad::ElementC;                      // int32
     using EpilogueParams = typename BlockEpilogue::Params;
-    static constexpr bool PER_GROUP = PER_GROUP_;
     static constexpr uint32_t WORKSPACE_STAGES = 2;
     // the block's B-prologue hand-off (flagCopyBFinish / flagPrologueBFinish per stage) takes the
     // cross-core flag IDs 0 .. 2 * STAGES - 1; this kernel's stage flags follow them
@@ -51,12 +52,12 @@ public:
 
     struct Params {
         GemmCoord problemShape;
-        uint32_t groupSize;                 // K of one block matmul: the group, or k per channel
+        uint32_t groupSize;                 // K of one block matmul: the group, or k per channel (> 0)
         GM_ADDR ptrA;
         LayoutA layoutA;
         GM_ADDR ptrPrologueB;
         LayoutPrologueB layoutPrologueB;
-        GM_ADDR ptrScale;                   // float32 (n,) or (k / group, n)
+        GM_ADDR ptrScale;                   // float32 (k / groupSize, n): (1, n) per channel
         GM_ADDR ptrPerTokenScale;           // float32 (m,)
         GM_ADDR ptrD;                       // fp16 / bf16 (m, n)
         GM_ADDR ptrWorkspaceB;              // int8 weight tiles: STAGES x K1 x N1 per core
@@ -76,23 +77,12 @@ public:
     CATLASS_DEVICE
     static EpilogueParams MakeEpilogueParams(Params const& p)
     {
-        const uint32_t m = p.problemShape.m(), n = p.problemShape.n();
-        if constexpr (PER_GROUP) {
-            EpilogueParams e;
-            e.ptrScale = reinterpret_cast<__gm__ float*>(p.ptrScale);
-            e.ptrPerTokenScale = reinterpret_cast<__gm__ float*>(p.ptrPerTokenScale);
-            e.ptrD = reinterpret_cast<__gm__ typename BlockEpilogue::ElementD*>(p.ptrD);
-            e.n = n;
-            return e;
-        } else {
-            return EpilogueParams{reinterpret_cast<__gm__ typename BlockEpilogue::ElementScale*>(p.ptrScale),
-                                  typename BlockEpilogue::LayoutScale{n},
-                                  reinterpret_cast<__gm__ typename BlockEpilogue::ElementPerTokenScale*>(
-                                      p.ptrPerTokenScale),
-                                  typename BlockEpilogue::LayoutPerTokenScale{m},
-                                  reinterpret_cast<__gm__ typename BlockEpilogue::ElementD*>(p.ptrD),
-                                  typename BlockEpilogue::LayoutD{m, n}};
-        }
+        EpilogueParams e;
+        e.ptrScale = reinterpret_cast<__gm__ float*>(p.ptrScale);
+        e.ptrPerTokenScale = reinterpret_cast<__gm__ float*>(p.ptrPerTokenScale);
+        e.ptrD = reinterpret_cast<__gm__ typename BlockEpilogue::ElementD*>(p.ptrD);
+        e.n = p.problemShape.n();
+        return e;
     }
 
     CATLASS_DEVICE
@@ -187,13 +177,8 @@ public:
                                    layoutBlockB, stepShape);
                 MatrixCoord offsetC{(stage * cores + core) * L1TileShape::M, 0};
                 Arch::CrossCoreWaitFlag(aicStored[stage]);
-                if constexpr (PER_GROUP) {
-                    blockEpilogue(L1TileShape::ToCoord(), blockCoord, stepShape, g, kSteps,
-                                  gmC[layoutC.GetOffset(offsetC)], layoutC.GetTileLayout(stepShape.GetCoordMN()));
-                } else {
-                    blockEpilogue(L1TileShape::ToCoord(), blockCoord, shape,
-                                  gmC[layoutC.GetOffset(offsetC)], layoutC.GetTileLayout(shape.GetCoordMN()));
-                }
+                blockEpilogue(L1TileShape::ToCoord(), blockCoord, stepShape, g, kSteps,
+                              gmC[layoutC.GetOffset(offsetC)], layoutC.GetTileLayout(stepShape.GetCoordMN()));
                 Arch::CrossCoreSetFlag<0x2, PIPE_MTE3>(aivDone[stage]);
                 stage = (stage + 1 < WORKSPACE_STAGES) ? stage + 1 : 0;
             }

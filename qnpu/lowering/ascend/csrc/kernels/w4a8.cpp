@@ -3,17 +3,14 @@
 //
 // Blocks from CATLASS: the int4 -> int8 prologue of example 32_w4a8_matmul
 // (Gemm::Tile::TileCastInt4ToInt8, MmadAtlasA2PingPongWithPrologue), with TileCopyWithPrologue so
-// the int32 accumulator leaves L0C undequantized, and example 12's per-token dequant epilogue for
-// per-channel scales; qnpu's GroupDequantEpilogue for per-group scales. Kernel class:
-// include/w4a8_per_token_kernel.hpp. Numerics: lowering/ascend/kernel_model.py::w4a8.
+// the int32 accumulator leaves L0C undequantized; qnpu's GroupDequantEpilogue for per-group scales
+// and, with one group of all K, per-channel scales (same fp32 operations in the same order as
+// example 12's per-token dequant epilogue, which cannot share the AIV with the prologue: see the
+// kernel class). Kernel class: include/w4a8_per_token_kernel.hpp. Numerics:
+// lowering/ascend/kernel_model.py::w4a8.
 #include "catlass/arch/arch.hpp"
 #include "catlass/catlass.hpp"
 #include "catlass/detail/kernel_adapter.hpp"
-#include "catlass/epilogue/block/block_epilogue.hpp"
-#include "catlass/epilogue/dispatch_policy.hpp"
-#include "catlass/epilogue/tile/tile_broadcast_mul.hpp"
-#include "catlass/epilogue/tile/tile_broadcast_one_blk.hpp"
-#include "catlass/epilogue/tile/tile_swizzle.hpp"
 #include "catlass/gemm/block/block_mmad.hpp"
 #include "catlass/gemm/block/block_swizzle.hpp"
 #include "catlass/gemm/dispatch_policy.hpp"
@@ -33,7 +30,12 @@ using namespace Catlass;
 using L1TileShape = GemmShape<128, 256, 512>;
 using L0TileShape = GemmShape<128, 256, 128>;
 using EpilogueTileShape = MatrixShape<32, 256>;
-constexpr uint32_t CAST_COMPUTE_LEN = 24 * 1024;       // example 32's prologue UB chunk (its maximum)
+// TileCastInt4ToInt8 widens 32 rows of the (K, N1) tile per pass, so it never uses more than
+// 32 x N1 elements of its buffers; it holds 7 x COMPUTE_LEN bytes of UB from offset 0 (two stages of
+// int4 in, int8 out and a half workspace) for the whole kernel, and the epilogue lives above them.
+// Example 32's 24 Ki (168 KiB of UB) would leave no room for the epilogue's fp32 accumulator.
+constexpr uint32_t CAST_COMPUTE_LEN = 32 * L1TileShape::N;
+constexpr uint32_t PROLOGUE_UB_BYTES = 2 * (CAST_COMPUTE_LEN / 2 + CAST_COMPUTE_LEN + CAST_COMPUTE_LEN * 2);
 
 namespace w4a8 {
 using ArchTag = Arch::AtlasA2;
@@ -45,31 +47,19 @@ using PrologueB = Gemm::Tile::TileCastInt4ToInt8<ArchTag, PrologueSrcType, BType
 using TileCopy = Gemm::Tile::TileCopyWithPrologue<ArchTag, AType, BType, CType, void, PrologueB>;
 using BlockMmad = Gemm::Block::BlockMmad<Gemm::MmadAtlasA2PingPongWithPrologue<false>, L1TileShape, L0TileShape,
                                          AType, BType, CType, void, TileCopy>;
-using FloatVec = Gemm::GemmType<float, layout::VectorLayout>;
-using FloatTile = Gemm::GemmType<float, layout::RowMajor>;
 
 template <class ElementD>
-using PerChannelEpilogue = Epilogue::Block::BlockEpilogue<
-    Epilogue::EpilogueAtlasA2PerTokenDequant<2>, CType, FloatVec, FloatVec, Gemm::GemmType<ElementD, layout::RowMajor>,
-    Epilogue::Tile::TileRowBroadcastMul<ArchTag, FloatTile, EpilogueTileShape>,
-    Epilogue::Tile::TileBroadcastOneBlk<ArchTag, FloatTile, EpilogueTileShape::ROW>,
-    Epilogue::Tile::TileOneBlkColumnBroadcastMul<ArchTag, FloatTile, EpilogueTileShape>,
-    Epilogue::Tile::TileCopy<ArchTag, CType, FloatVec, FloatVec, Gemm::GemmType<ElementD, layout::RowMajor>>,
-    Epilogue::Tile::EpilogueHorizontalTileSwizzle>;
+using DequantEpilogue = epilogue::GroupDequantEpilogue<ArchTag, ElementD, L1TileShape::M, L1TileShape::N,
+                                                       EpilogueTileShape::ROW, PROLOGUE_UB_BYTES>;
 
-template <class ElementD>
-using PerGroupEpilogue =
-    epilogue::GroupDequantEpilogue<ArchTag, ElementD, L1TileShape::M, L1TileShape::N, EpilogueTileShape::ROW>;
-
-template <class ElementD, bool PER_GROUP, uint32_t SWIZZLE_DIRECTION>
+template <class ElementD, uint32_t SWIZZLE_DIRECTION>
 void Run(const QuantMatmulArgs& a, uint8_t* workspace, uint32_t cores, aclrtStream stream)
 {
     using Scheduler = Gemm::Block::GemmIdentityBlockSwizzle<3, SWIZZLE_DIRECTION>;
-    using Epi = std::conditional_t<PER_GROUP, PerGroupEpilogue<ElementD>, PerChannelEpilogue<ElementD>>;
-    using Kernel = kernel::W4A8PerToken<BlockMmad, Epi, Scheduler, PER_GROUP>;
+    using Kernel = kernel::W4A8PerToken<BlockMmad, DequantEpilogue<ElementD>, Scheduler>;
     typename Kernel::Params p;
     p.problemShape = GemmCoord{a.m, a.n, a.k};
-    p.groupSize = PER_GROUP ? a.groupSize : a.k;
+    p.groupSize = a.groupSize == 0 ? a.k : a.groupSize;     // per channel: one group, scale (1, n)
     p.ptrA = a.x;
     p.layoutA = layout::RowMajor{a.m, a.k};
     p.ptrPrologueB = a.w;
@@ -85,19 +75,18 @@ void Run(const QuantMatmulArgs& a, uint8_t* workspace, uint32_t cores, aclrtStre
 template <class ElementD>
 void Dispatch(const QuantMatmulArgs& a, uint8_t* workspace, uint32_t cores, aclrtStream stream)
 {
-    const bool mLonger = a.m > a.n;
-    if (a.groupSize == 0) {
-        mLonger ? Run<ElementD, false, 0>(a, workspace, cores, stream) : Run<ElementD, false, 1>(a, workspace, cores, stream);
+    if (a.m > a.n) {
+        Run<ElementD, 0>(a, workspace, cores, stream);
     } else {
-        mLonger ? Run<ElementD, true, 0>(a, workspace, cores, stream) : Run<ElementD, true, 1>(a, workspace, cores, stream);
+        Run<ElementD, 1>(a, workspace, cores, stream);
     }
 }
 }  // namespace w4a8
 
 size_t W4A8Workspace(const QuantMatmulArgs&, uint32_t cores)
 {
-    using K = kernel::W4A8PerToken<w4a8::BlockMmad, w4a8::PerChannelEpilogue<half>,
-                                   Gemm::Block::GemmIdentityBlockSwizzle<3, 0>, false>;
+    using K = kernel::W4A8PerToken<w4a8::BlockMmad, w4a8::DequantEpilogue<half>,
+                                   Gemm::Block::GemmIdentityBlockSwizzle<3, 0>>;
     return K::WorkspaceB(cores) + K::WorkspaceC(cores);
 }
 

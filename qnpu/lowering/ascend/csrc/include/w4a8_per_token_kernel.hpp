@@ -144,8 +144,11 @@ public:
         AscendC::PipeBarrier<PIPE_ALL>();
     }
 
-    // AIV: for each block and K step, the int4 -> int8 prologue, then the epilogue of that step.
-    // The prologue of a step completes before its epilogue waits, so the AIC never starves.
+    // AIV: the steps (block, K group) of this core in order; the int4 -> int8 prologue of step t + 1
+    // runs before the epilogue of step t waits for its matmul, so the cube finds step t + 1's weights
+    // ready while the vector units drain step t. Deadlock-free: the prologue of t + 1 waits only for
+    // the cube's copy of step t - 1's tile out of the same workspace stage, and the cube never waits
+    // for an epilogue later than t - 1 before finishing step t + 1.
     template <>
     CATLASS_DEVICE void operator()<AscendC::AIV>(Params const& params)
     {
@@ -164,24 +167,36 @@ public:
         gmC.SetGlobalBuffer(reinterpret_cast<__gm__ ElementC*>(params.ptrWorkspaceC));
         layout::RowMajor layoutC{L1TileShape::M * cores * WORKSPACE_STAGES, L1TileShape::N};
 
-        uint32_t stage = 0;
         const uint32_t kSteps = params.problemShape.k() / params.groupSize;
-        for (uint32_t loop = core; loop < scheduler.GetCoreLoops(); loop += cores) {
-            GemmCoord blockCoord = scheduler.GetBlockCoord(loop);
+        const uint32_t coreLoops = scheduler.GetCoreLoops();
+        const uint32_t blocksHere = (coreLoops > core) ? (coreLoops - core + cores - 1) / cores : 0;
+        const uint32_t steps = blocksHere * kSteps;
+        auto prologue = [&](uint32_t t) {
+            GemmCoord blockCoord = scheduler.GetBlockCoord(core + (t / kSteps) * cores);
             GemmCoord shape = scheduler.GetActualBlockShape(blockCoord);
-            for (uint32_t g = 0; g < kSteps; ++g) {
-                GemmCoord stepShape{shape.m(), shape.n(), params.groupSize};
-                MatrixCoord offsetB{g * params.groupSize, blockCoord.n() * L1TileShape::N};
-                blockMmad.Prologue(gmPrologueB[params.layoutPrologueB.GetOffset(offsetB)],
-                                   params.layoutPrologueB.GetTileLayout(stepShape.GetCoordKN()), gmBlockB,
-                                   layoutBlockB, stepShape);
-                MatrixCoord offsetC{(stage * cores + core) * L1TileShape::M, 0};
-                Arch::CrossCoreWaitFlag(aicStored[stage]);
-                blockEpilogue(L1TileShape::ToCoord(), blockCoord, stepShape, g, kSteps,
-                              gmC[layoutC.GetOffset(offsetC)], layoutC.GetTileLayout(stepShape.GetCoordMN()));
-                Arch::CrossCoreSetFlag<0x2, PIPE_MTE3>(aivDone[stage]);
-                stage = (stage + 1 < WORKSPACE_STAGES) ? stage + 1 : 0;
+            GemmCoord stepShape{shape.m(), shape.n(), params.groupSize};
+            MatrixCoord offsetB{(t % kSteps) * params.groupSize, blockCoord.n() * L1TileShape::N};
+            blockMmad.Prologue(gmPrologueB[params.layoutPrologueB.GetOffset(offsetB)],
+                               params.layoutPrologueB.GetTileLayout(stepShape.GetCoordKN()), gmBlockB, layoutBlockB,
+                               stepShape);
+        };
+        if (steps > 0) {
+            prologue(0);
+        }
+        uint32_t stage = 0;
+        for (uint32_t t = 0; t < steps; ++t) {
+            if (t + 1 < steps) {
+                prologue(t + 1);
             }
+            GemmCoord blockCoord = scheduler.GetBlockCoord(core + (t / kSteps) * cores);
+            GemmCoord shape = scheduler.GetActualBlockShape(blockCoord);
+            GemmCoord stepShape{shape.m(), shape.n(), params.groupSize};
+            MatrixCoord offsetC{(stage * cores + core) * L1TileShape::M, 0};
+            Arch::CrossCoreWaitFlag(aicStored[stage]);
+            blockEpilogue(L1TileShape::ToCoord(), blockCoord, stepShape, t % kSteps, kSteps,
+                          gmC[layoutC.GetOffset(offsetC)], layoutC.GetTileLayout(stepShape.GetCoordMN()));
+            Arch::CrossCoreSetFlag<0x2, PIPE_MTE3>(aivDone[stage]);
+            stage = (stage + 1 < WORKSPACE_STAGES) ? stage + 1 : 0;
         }
         AscendC::PipeBarrier<PIPE_ALL>();
     }

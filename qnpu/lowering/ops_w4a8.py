@@ -24,7 +24,7 @@ import torch
 from qnpu.qcore import unpack_int4
 
 from .library import register, require
-from .ops_matmul import MAX_DIM, _cast_out, _int_matmul
+from .ops_matmul import EXACT_CHUNK, MAX_DIM, _cast_out, _int_matmul
 
 GROUP_STEP = 32          # the int8 cube's K fractal: a group must hold whole fractals
 _OUT = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,6 +66,11 @@ def w4a8_matmul(x1, x2, scale, pertoken_scale, *, bias=None, group_size=0, outpu
     w = unpack_int4(x2, dim=-1)
     if group_size == 0:
         y = _int_matmul(x1, w).to(torch.float32) * scale
+    elif group_size <= EXACT_CHUNK:          # every group's sum of <= 1024 int8 x int4 products is exact in fp32
+        groups, m = scale.shape[0], x1.shape[0]
+        xs = x1.to(torch.float32).reshape(m, groups, group_size).transpose(0, 1)
+        parts = torch.bmm(xs, w.to(torch.float32).reshape(groups, group_size, -1))        # (G, m, n) integers
+        y = (parts.to(torch.float64) * scale.to(torch.float64).unsqueeze(1)).sum(0).to(torch.float32)
     else:
         acc = None
         for g in range(scale.shape[0]):

@@ -276,3 +276,15 @@ def test_catlass_errors_is_the_golden_rule():
     ab = torch.tensor([0.0105, 0.5 + 0.5 / 128 * 0.5, 0.001 + 1 / 256 / 128 * 0.5])
     assert km.catlass_errors(ab.to(torch.bfloat16), gb, 1000) == 1          # the first, beyond 0.01 / 128
     assert km.catlass_errors(ab.to(torch.float16), gb, 1000) == 0
+
+
+@pytest.mark.parametrize("group", [32, 256, 1024, 2048])
+def test_w4a8_matmul_reference_group_sums_are_exact_for_every_group_size(group):
+    # the batched path (groups <= 1024) and the chunked loop (larger groups) both sum exact integers:
+    # all-max operands make every group sum 127 * 7 * group; scales 1 and 2 give 3 times that
+    k, n = 2 * group, 8
+    x = torch.full((2, k), 127, dtype=torch.int8)
+    wp = ops.npu_convert_weight_to_int4pack(torch.full((k, n), 7, dtype=torch.int32))
+    scale = torch.tensor([[1.0] * n, [2.0] * n])
+    got = ops.w4a8_matmul(x, wp, scale, torch.ones(2), group_size=group, output_dtype=torch.float32)
+    assert torch.all(got == float(127 * 7 * group * 3))

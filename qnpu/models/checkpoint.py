@@ -118,47 +118,140 @@ class CheckpointWriter:
             self.abort()
 
 
+def damaged(file: Path, problem: str) -> ValueError:
+    """The error for a damaged checkpoint: one line naming ``file`` and the problem."""
+    return ValueError(f"checkpoint file {file}: {problem}; it is damaged: quantize the model again")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``err``'s message on one line, at most ``limit`` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(file, f"not valid JSON ({one_line(err)})") from None
+    if not isinstance(data, dict):
+        raise damaged(file, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+# a quantized linear's entry in qnpu.json: key -> the JSON types it may have
+_ENTRY = {"weight_spec": (dict, type(None)), "dtype": (str, type(None)), "act_spec": (dict, type(None)),
+          "online_hadamard": (bool,), "act_qparams": (bool,)}
+
+
+def _check_meta(meta: dict, file: Path) -> None:
+    """Refuse a ``qnpu.json`` whose structure is not the writer's, naming the key."""
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"checkpoint file {file}: unsupported checkpoint format {meta.get('format')!r} version "
+                         f"{meta.get('format_version')!r}")
+    for key, kind in (("shards", list), ("linears", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise damaged(file, f"'{key}' is {'missing' if key not in meta else 'not a ' + kind.__name__}")
+    if not all(isinstance(s, str) and s for s in meta["shards"]):
+        raise damaged(file, "'shards' holds something other than file names")
+    for label, entry in meta["linears"].items():
+        if not isinstance(entry, dict):
+            raise damaged(file, f"quantized linear {label}: its entry is not an object")
+        for key, kinds in _ENTRY.items():
+            if not isinstance(entry.get(key, ...), kinds):
+                raise damaged(file, f"quantized linear {label}: '{key}' is "
+                                    f"{'missing' if key not in entry else 'invalid: ' + repr(entry[key])}")
+
+
+def _has_zero_point(spec: QSpec | None) -> bool:
+    """Whether codes of ``spec`` come with a stored zero point (not 0 by construction, as for
+    symmetric int and binary)."""
+    return spec is not None and spec.format != "binary" and not (spec.symmetric and spec.symmetric_zero == 0)
+
+
 class Checkpoint:
-    """A checkpoint read back: metadata plus float tensors and quantized linears."""
+    """A checkpoint read back: metadata plus float tensors and quantized linears.
+
+    A damaged checkpoint (a file that is not JSON or not safetensors, a key, file or tensor
+    missing, an unknown spec or dtype, NaN/Inf values, codes outside their range) is refused with
+    a ValueError (a missing file: FileNotFoundError) on one line naming the file, and the tensor or
+    linear where there is one. Changes that leave valid values (a different finite weight) cannot be
+    detected: the checkpoint has no checksums."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        meta_file = self.path / "qnpu.json"
-        if not meta_file.is_file():
+        self.meta_file = self.path / "qnpu.json"
+        if not self.meta_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a qnpu checkpoint (no qnpu.json)")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{self.path}: unsupported checkpoint format {self.meta.get('format')!r} "
-                             f"version {self.meta.get('format_version')}")
-        self.hf_config = json.loads((self.path / "config.json").read_text())
+        self.meta = _read_json(self.meta_file)
+        _check_meta(self.meta, self.meta_file)
+        self.config_file = self.path / "config.json"
+        self.hf_config = _read_json(self.config_file)
         self.tensors: dict[str, torch.Tensor] = {}
         self.files: dict[str, Path] = {}  # tensor name -> the shard holding it (for error messages)
         for shard in self.meta["shards"]:
-            loaded = load_file(str(self.path / shard))
+            file = self.path / shard
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint file {file} (a shard {self.meta_file} lists) is missing; "
+                                        "copy it again or quantize the model again")
+            try:
+                loaded = load_file(str(file))
+            except SafetensorError as err:
+                raise damaged(file, f"not a readable safetensors file ({one_line(err)})") from None
+            for name, t in loaded.items():
+                if name in self.files:
+                    raise damaged(file, f"tensor {name} is also in {self.files[name]}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise damaged(file, f"tensor {name} has NaN/Inf values")
             self.tensors.update(loaded)
-            self.files.update(dict.fromkeys(loaded, self.path / shard))
+            self.files.update(dict.fromkeys(loaded, file))
+
+    def _where(self, label: str) -> Path:
+        """The shard holding a quantized linear's tensors (qnpu.json when it has none)."""
+        names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point", "act_scale", "act_zero_point")]
+        return next((self.files[n] for n in names if n in self.files), self.meta_file)
+
+    def _spec(self, label: str, key: str) -> QSpec:
+        try:
+            return QSpec.from_dict(self.meta["linears"][label][key])
+        except (ValueError, TypeError) as err:
+            raise damaged(self.meta_file, f"quantized linear {label}: {key}: {one_line(err)}") from None
+
+    def _qweight(self, label: str, entry: dict) -> QTensor:
+        t, spec = self.tensors, self._spec(label, "weight_spec")
+        dtype = getattr(torch, str(entry["dtype"]), None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise damaged(self.meta_file, f"quantized linear {label}: unknown dtype {entry['dtype']!r}")
+        names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point")]
+        where = self._where(label)
+        lacking = [n for n in (names if _has_zero_point(spec) else names[:2]) if n not in t]
+        if lacking:
+            raise damaged(where, f"quantized linear {label}: the checkpoint lacks {', '.join(lacking)}")
+        zp = t.get(names[2])
+        if zp is not None and zp.numel() and (zp.is_floating_point() or int(zp.min()) < spec.qmin
+                                                or int(zp.max()) > spec.qmax):
+            raise damaged(where, f"quantized linear {label}: zero_point is outside the {spec.bits}-bit "
+                                 f"{spec.format} range [{spec.qmin}, {spec.qmax}]")
+        try:
+            return QTensor(t[names[0]], t[names[1]], zp, spec, dtype)
+        except (ValueError, TypeError, IndexError, RuntimeError) as err:  # codes out of range, NaN or mis-shaped scales
+            raise damaged(where, f"quantized linear {label}: {one_line(err)}") from None
 
     def qlinears(self) -> dict[str, dict]:
         """Label -> ``{"qweight": QTensor | None, "act_spec", "act_qparams", "online_hadamard"}``."""
         out = {}
         for label, entry in self.meta["linears"].items():
-            t = self.tensors
-            q = None
-            if entry["weight_spec"] is not None:
-                spec = QSpec.from_dict(entry["weight_spec"])
-                names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point")]
-                where = next((self.files[n] for n in names if n in self.files), self.path)
-                lacking = [n for n in names[:2] if n not in t]
-                if lacking:
-                    raise ValueError(f"checkpoint file {where}: quantized linear {label}: the checkpoint lacks "
-                                     f"{', '.join(lacking)}; it is damaged: quantize the model again")
-                try:
-                    q = QTensor(t[names[0]], t[names[1]], t.get(names[2]), spec, getattr(torch, entry["dtype"]))
-                except ValueError as err:  # e.g. codes outside the spec's range, NaN scales
-                    raise ValueError(f"checkpoint file {where}: quantized linear {label}: {err}; it is damaged: "
-                                     "quantize the model again") from None
-            act = None if entry["act_spec"] is None else QSpec.from_dict(entry["act_spec"])
-            qp = (t[f"{label}.act_scale"], t.get(f"{label}.act_zero_point")) if entry["act_qparams"] else None
+            q = None if entry["weight_spec"] is None else self._qweight(label, entry)
+            act = None if entry["act_spec"] is None else self._spec(label, "act_spec")
+            qp = None
+            if entry["act_qparams"]:
+                scale, zp = self.tensors.get(f"{label}.act_scale"), self.tensors.get(f"{label}.act_zero_point")
+                if scale is None or not scale.is_floating_point() or (zp is None and _has_zero_point(act)):
+                    lacking = f"{label}.act_scale" if scale is None or not scale.is_floating_point() else \
+                        f"{label}.act_zero_point"
+                    raise damaged(self._where(label), f"quantized linear {label}: the checkpoint lacks {lacking}")
+                qp = (scale, zp)
             out[label] = {"qweight": q, "act_spec": act, "act_qparams": qp,
                           "online_hadamard": entry["online_hadamard"]}
         return out

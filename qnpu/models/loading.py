@@ -38,7 +38,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = 
         return model, tokenizer, {"name": path.stem, "kind": "gguf", "path": str(path.resolve())}
     if (path / "qnpu.json").is_file():
         model = load_quantized(path, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        with _readable(path):  # a damaged tokenizer file: one line, not a traceback
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
+                else None
         return model, tokenizer, {"name": path.name, "kind": "qnpu-checkpoint", "path": str(path.resolve())}
     config_file = path / "config.json"
     if not config_file.is_file():

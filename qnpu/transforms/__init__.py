@@ -2,24 +2,30 @@
 
 A transform is ``QTransform(init, update)``: ``state = t.init(view)``,
 ``view, state = t.update(view, state)`` over a `BlockView` (one decoder block's params,
-structure, calibration stats and specs). Recipes are values::
+structure, calibration stats and specs); ``t.reads`` declares which calibration data it reads
+(`reads_of`). Recipes are values::
 
     recipe = chain(quant_specs(weight=QSpec(bits=4)), masked("*.mlp.down_proj",
                    quant_specs(weight=QSpec(bits=8))), gptq(block_size=128))
 """
 from .base import (
+    READS,
+    UNDECLARED_READS,
     EmptyState,
     QTransform,
+    declares_reads,
     derive_seed,
     find_states,
     generator,
     recipe_from_dict,
     recipe_to_dict,
     register_state,
+    reads_of,
     register_transform,
     registered_transforms,
     state_from_dict,
     state_to_dict,
+    union_reads,
 )
 from . import recipes
 from .activations import ActivationState, activation_scales
@@ -40,6 +46,7 @@ from .view import BlockStructure, BlockView, LinearSpec, LinearStats, TransformE
 __all__ = [
     "recipes",
     "QTransform", "EmptyState", "WeightsState", "register_transform", "register_state", "registered_transforms",
+    "READS", "UNDECLARED_READS", "reads_of", "union_reads", "declares_reads",
     "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict", "derive_seed", "find_states", "generator",
     "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq", "gptaq_quantize",
     "activation_scales", "ActivationState", "awq", "AWQState",

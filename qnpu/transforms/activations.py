@@ -47,7 +47,7 @@ def static_input_qparams(view: BlockView, name: str, spec: QSpec) -> tuple[torch
     return choose_qparams(sample.float(), spec.replace(granularity="tensor", axis=0, group_size=None))
 
 
-@register_transform("activation_scales")
+@register_transform("activation_scales", reads={"activations"})
 def activation_scales() -> QTransform:
     """Fix static activation scales for every target whose activation spec is static (not dynamic)."""
 

@@ -156,7 +156,7 @@ def _check_int(name: str, value, lowest: int) -> None:
         raise ValueError(f"awq: {name}={value!r} is invalid; allowed: an int >= {lowest}")
 
 
-@register_transform("awq")
+@register_transform("awq", reads={"activations"})
 def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float = 0.5,
         max_tokens: int = 2048) -> QTransform:
     """AWQ scaling (and clipping) of the block's smoothing pairs; see the module docstring.

@@ -8,6 +8,17 @@ A transform is a pair of pure functions (after optax's ``GradientTransformation`
 ``config`` is the plain-dict description ``{"transform": name, **arguments}`` that
 `recipe_from_dict` turns back into the same transform. Factories declared with
 `register_transform` get it for free.
+
+``reads`` declares which calibration data the transform's output depends on, as a frozenset of
+`READS`: ``"hessian"`` (``LinearStats.hessian``), ``"activations"`` (``LinearStats.absmax`` /
+``tokens``), ``"float_path"`` (``LinearStats.fp_tokens`` / ``fp_cross``) and ``"block_inputs"``
+(``BlockView.inputs``). Params, structure and specs are always there. A transform may *transform*
+statistics it does not read (a rotation rotates them); its params, specs and state must not depend
+on them. ``register_transform(name, reads=...)`` declares it (a set, or a function of the factory's
+arguments); `chain`, `masked` and `partition` take the union of their parts. A transform that
+declares nothing (``reads=None``) is taken to read `UNDECLARED_READS` (`reads_of`). The
+calibration engine collects only what the recipe reads, and runs no calibration at all for a
+recipe that reads nothing.
 """
 from __future__ import annotations
 
@@ -23,10 +34,39 @@ from qnpu.qcore import QSpec, QTensor
 from .view import BlockView
 
 
+# the calibration data a transform can read besides the block's params, structure and specs
+READS = frozenset({"hessian", "activations", "float_path", "block_inputs"})
+# what a transform without a declaration is taken to read: every statistic, and the block inputs
+# (the float path, another forward pass per block, only for transforms that declare it)
+UNDECLARED_READS = frozenset({"hessian", "activations", "block_inputs"})
+
+
 class QTransform(NamedTuple):
     init: Callable[[BlockView], Any]
     update: Callable[[BlockView, Any], tuple[BlockView, Any]]
     config: dict | None = None
+    reads: frozenset | None = None
+
+
+def _checked_reads(reads, where: str) -> frozenset:
+    found = frozenset(reads)
+    unknown = sorted(map(str, found - READS))
+    if unknown:
+        raise ValueError(f"{where}: reads {unknown} are unknown; allowed: {', '.join(sorted(READS))}")
+    return found
+
+
+def reads_of(t: QTransform) -> frozenset:
+    """What ``t`` reads of the calibration data (module docstring): its declaration, or
+    `UNDECLARED_READS` when it has none."""
+    if not isinstance(t, QTransform):
+        raise TypeError(f"expected a QTransform; got {type(t).__name__}")
+    return UNDECLARED_READS if t.reads is None else t.reads
+
+
+def union_reads(transforms) -> frozenset:
+    """The union of `reads_of` over ``transforms`` (None entries skipped): what a combinator reads."""
+    return frozenset().union(*(reads_of(t) for t in transforms if t is not None))
 
 
 class EmptyState(NamedTuple):
@@ -34,6 +74,7 @@ class EmptyState(NamedTuple):
 
 
 _FACTORIES: dict[str, Callable[..., QTransform]] = {}
+_READ_DECLARATIONS: dict[str, Any] = {}
 _STATE_TYPES: dict[str, type] = {"EmptyState": EmptyState}
 
 
@@ -43,8 +84,13 @@ def register_state(cls: type) -> type:
     return cls
 
 
-def register_transform(name: str):
-    """Decorator for a transform factory: records its bound arguments as the transform's config."""
+def register_transform(name: str, *, reads=None):
+    """Decorator for a transform factory: records its bound arguments as the transform's config and
+    sets its ``reads`` (module docstring): an iterable of `READS`, or a function called with the
+    factory's arguments by name (after defaults) that returns one. ``reads=None``: undeclared
+    (`reads_of` then assumes `UNDECLARED_READS`)."""
+    if reads is not None and not callable(reads):
+        reads = _checked_reads(reads, f"transform {name!r}")
 
     def wrap(factory: Callable[..., QTransform]) -> Callable[..., QTransform]:
         sig = inspect.signature(factory)
@@ -56,9 +102,10 @@ def register_transform(name: str):
             bound.apply_defaults()
             t = factory(*bound.args, **bound.kwargs)
             arguments = dict(bound.arguments)
+            declared = _checked_reads(reads(**arguments), f"transform {name!r}") if callable(reads) else reads
             if varargs:
                 arguments[varargs] = list(arguments[varargs])
-            return t._replace(config={"transform": name, **_encode(arguments)})
+            return t._replace(config={"transform": name, **_encode(arguments)}, reads=declared)
 
         def from_config(kwargs: dict) -> QTransform:
             args = kwargs.pop(varargs, []) if varargs else []
@@ -67,6 +114,7 @@ def register_transform(name: str):
         if name in _FACTORIES:
             raise ValueError(f"transform name {name!r} is registered twice")
         _FACTORIES[name] = from_config
+        _READ_DECLARATIONS[name] = reads
         return build
 
     return wrap
@@ -74,6 +122,11 @@ def register_transform(name: str):
 
 def registered_transforms() -> tuple[str, ...]:
     return tuple(sorted(_FACTORIES))
+
+
+def declares_reads(name: str) -> bool:
+    """Whether the registered transform ``name`` declared what it reads (``register_transform(reads=...)``)."""
+    return _READ_DECLARATIONS[name] is not None
 
 
 # -- plain-dict encoding of recipe arguments and states ------------------------------------------

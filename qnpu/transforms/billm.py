@@ -330,7 +330,7 @@ def _check_fraction(name: str, value, allow_none: bool) -> None:
                          + (" or None (search)" if allow_none else ""))
 
 
-@register_transform("billm")
+@register_transform("billm", reads={"hessian"})
 def billm(block_size: int = 128, salient_fraction: float | None = None, max_salient_fraction: float = 0.2,
           split: bool = True, mean_offsets: bool = True, split_grid: int = 40, damp: float = 0.01) -> QTransform:
     """BiLLM binarization of every target with a ``format="binary"`` weight spec (Huang et al. 2024).

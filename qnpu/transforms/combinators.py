@@ -4,6 +4,7 @@
 runs ``t`` only on the linears whose label matches; ``partition({pattern: t, ...}, default)``
 gives each linear the first matching transform. Patterns are shell globs over labels
 (``"*.mlp.down_proj"``) or, prefixed with ``"re:"``, regular expressions (``re.fullmatch``).
+Each reads what its parts read (the union of their `reads_of`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import NamedTuple
 
 from qnpu.qcore import QSpec
 
-from .base import EmptyState, QTransform, register_state, register_transform
+from .base import EmptyState, QTransform, register_state, register_transform, union_reads
 from .view import BlockView, LinearSpec, fail
 
 KEEP = "keep"
@@ -40,7 +41,7 @@ def _check_pattern(pattern: str) -> None:
             raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {err}") from None
 
 
-@register_transform("chain")
+@register_transform("chain", reads=lambda transforms: union_reads(transforms))
 def chain(*transforms: QTransform) -> QTransform:
     """Apply ``transforms`` in order; the state is a `ChainState` of their states."""
     for i, t in enumerate(transforms):
@@ -64,7 +65,7 @@ def _narrow(view: BlockView, keep) -> BlockView:
     return view._replace(targets=tuple(n for n in view.targets if keep(n)))
 
 
-@register_transform("masked")
+@register_transform("masked", reads=lambda pattern, inner: union_reads([inner]))
 def masked(pattern: str, inner: QTransform) -> QTransform:
     """Run ``inner`` on the targets whose label matches ``pattern``; others are left alone."""
     _check_pattern(pattern)
@@ -87,7 +88,7 @@ class PartitionState(NamedTuple):
     states: tuple
 
 
-@register_transform("partition")
+@register_transform("partition", reads=lambda rules, default: union_reads([*rules.values(), default]))
 def partition(rules: dict, default: QTransform | None = None) -> QTransform:
     """Route each target to the transform of the first pattern in ``rules`` its label matches
     (insertion order), else to ``default`` (None: leave it alone)."""
@@ -116,7 +117,14 @@ def partition(rules: dict, default: QTransform | None = None) -> QTransform:
     return QTransform(init, update)
 
 
-@register_transform("quant_specs")
+def _spec_reads(activation) -> frozenset:
+    """A static activation spec reads the activations: its input scales are fixed from calibration
+    statistics (by ``activation_scales``, or by the engine when no step fixes them)."""
+    static = isinstance(activation, QSpec) and not activation.dynamic
+    return frozenset({"activations"}) if static else frozenset()
+
+
+@register_transform("quant_specs", reads=lambda weight, activation: _spec_reads(activation))
 def quant_specs(weight: QSpec | None | str = KEEP, activation: QSpec | None | str = KEEP) -> QTransform:
     """Set the weight and/or input-activation spec of every target (None: keep it in float;
     ``"keep"``: leave what an earlier step set). Weight specs use ``[out, in]`` layout: per-channel

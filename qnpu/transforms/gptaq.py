@@ -61,7 +61,7 @@ def gptaq_quantize(w: torch.Tensor, hessian: torch.Tensor, fp_cross: torch.Tenso
                  alpha=float(alpha), method="gptaq")
 
 
-@register_transform("gptaq")
+@register_transform("gptaq", reads={"hessian", "float_path"})
 def gptaq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = False,
           alpha: float = 0.25) -> QTransform:
     """GPTAQ (Li et al. 2025) on every target with a weight spec, from ``view.stats[name].hessian``

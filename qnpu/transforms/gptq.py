@@ -388,7 +388,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_
                  static_groups=static_groups, qparams=qparams, label=label)
 
 
-@register_transform("gptq")
+@register_transform("gptq", reads={"hessian"})
 def gptq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = False) -> QTransform:
     """GPTQ (Frantar et al. 2022) on every target with a weight spec, using ``view.stats[name].hessian``
     and ``weight_qparams`` when a scale search set them; see `gptq_quantize`. State: `WeightsState`."""

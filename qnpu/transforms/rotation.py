@@ -197,7 +197,7 @@ def rotate_block(view: BlockView, seed: int, kind: str, online: bool, per_head: 
     return view.with_params(params).with_stats(stats)._replace(inputs=inputs)
 
 
-@register_transform(NAME)
+@register_transform(NAME, reads=())  # it rotates the stats it gets, reads none
 def hadamard_rotation(seed: int = 0, kind: str = "hadamard", online: bool = True,
                       per_head: bool = True) -> QTransform:
     """QuaRot's rotations of one block (module docstring has the math).

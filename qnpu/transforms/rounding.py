@@ -80,7 +80,7 @@ def store(view: BlockView, state: WeightsState, results: dict[str, QTensor]) -> 
     return view.with_params(updates), WeightsState({**state.qweights, **results})
 
 
-@register_transform("rtn")
+@register_transform("rtn", reads=())
 def rtn(rounding: str = "nearest", seed: int = 0) -> QTransform:
     """Round each weight to its spec's grid: ``W_q = clamp(round(W / s) + z)``, ``s, z`` from a
     preceding scale search (``weight_qparams``) or else absmax / min-max per slice. ``rounding="stochastic"`` draws

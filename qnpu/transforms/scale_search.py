@@ -268,7 +268,7 @@ def _check_number(transform: str, name: str, value, ok: bool, allowed: str) -> N
         raise ValueError(f"{transform}: {name}={value!r} is invalid; allowed: {allowed}")
 
 
-@register_transform("minmax_scales")
+@register_transform("minmax_scales", reads=())
 def minmax_scales() -> QTransform:
     """The explicit baseline: absmax (symmetric) / min-max (asymmetric) qparams per slice, i.e.
     `qnpu.qcore.choose_qparams` on the current weight, fixed into ``weight_qparams``."""
@@ -280,7 +280,7 @@ def minmax_scales() -> QTransform:
     return _search_transform("minmax_scales", choose)
 
 
-@register_transform("percentile_scales")
+@register_transform("percentile_scales", reads=())
 def percentile_scales(percentile: float = 99.9) -> QTransform:
     """Clip each slice at the ``percentile``-th percentile of ``|w|`` (symmetric) or at the
     ``100 - p`` / ``p`` percentiles of ``w`` (asymmetric); see `percentile_qparams`."""
@@ -293,7 +293,7 @@ def percentile_scales(percentile: float = 99.9) -> QTransform:
     return _search_transform("percentile_scales", choose)
 
 
-@register_transform("mse_scale_search")
+@register_transform("mse_scale_search", reads=lambda weighted, **_: {"hessian"} if weighted else ())
 def mse_scale_search(grid: int = 100, min_ratio: float = 0.5, norm: float = 2.0,
                      weighted: bool = False) -> QTransform:
     """Per-slice clip-ratio grid search minimizing ``sum |w - dq(q(w; r))|^norm`` over ``grid``

@@ -216,7 +216,7 @@ def _check_spec(view: BlockView, name: str, spec: QSpec, bits: int, group_size: 
             f"pick a group size from {divisors}, or route this layer elsewhere with masked()/partition()")
 
 
-@register_transform("slim_llm")
+@register_transform("slim_llm", reads={"hessian"})
 def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid: int = 10,
              max_pairs: int | None = None) -> QTransform:
     """SliM-LLM mixed-precision GPTQ of every target with a weight spec (Huang et al. 2024).

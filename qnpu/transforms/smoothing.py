@@ -209,7 +209,7 @@ def _consumer_error(before: BlockView, after: BlockView, pairs: list[_Pair]) -> 
     return total
 
 
-@register_transform(NAME)
+@register_transform(NAME, reads=lambda search, **_: {"activations"} | ({"block_inputs"} if search else set()))
 def smoothquant(alpha: float = 0.5, search: bool = False, grid: list | tuple = DEFAULT_GRID,
                 pairs: str = "norms") -> QTransform:
     """SmoothQuant on the target linears (module docstring has the math).

@@ -1,5 +1,8 @@
 """The calibration data flow of the engine: what a recipe needs, and running statistics of linear inputs.
 
+What a recipe needs is what its transforms declare they read (`qnpu.transforms.reads_of`); the
+models layer keeps no list of transform names.
+
 `SiteStats` accumulates one linear input's `LinearStats` from forward hooks, batch by batch:
 ``H = X^T X / n`` (the GPTQ proxy Hessian, Frantar et al. 2022; float32 sums of per-batch
 products), per-channel absmax, a fixed-seed uniform sample of ``max_tokens`` rows over all
@@ -8,46 +11,28 @@ calibration tokens (searches such as AWQ's score on it), and with a float path G
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
-from qnpu.transforms import BlockStructure, LinearStats, QTransform
-
-# registered transforms known to read no `LinearStats.hessian` (nor `fp_cross`); any other name, a
-# user's own transform included, gets the Hessian collected
-HESSIAN_FREE = frozenset({"chain", "masked", "partition", "quant_specs", "rtn", "minmax_scales",
-                          "percentile_scales", "activation_scales", "smoothquant", "awq", "hadamard_rotation"})
-
-
-def transform_names(recipe: QTransform) -> set[str]:
-    """Every registered transform name in ``recipe.config`` (at any depth)."""
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, Mapping):
-            if isinstance(node.get("transform"), str):
-                found.add(node["transform"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    walk(recipe.config)
-    return found
+from qnpu.transforms import BlockStructure, LinearStats, QTransform, reads_of
 
 
 def needs_hessian(recipe: QTransform) -> bool:
-    """Whether any transform of ``recipe`` may read ``LinearStats.hessian``: collecting it costs
-    about one more forward pass per block (``X^T X`` for every linear input). A transform built
-    without `register_transform` (``config`` None) may read anything, so it gets the Hessian."""
-    return recipe.config is None or not transform_names(recipe) <= HESSIAN_FREE
+    """Whether ``recipe`` reads ``LinearStats.hessian`` (its declared `reads_of`): collecting it costs
+    about one more forward pass per block (``X^T X`` for every linear input). A transform without a
+    declaration may read anything, so it gets the Hessian."""
+    return "hessian" in reads_of(recipe)
 
 
-def recipe_uses(recipe: QTransform, name: str) -> bool:
-    """Whether ``recipe.config`` contains a transform registered as ``name`` (at any depth)."""
-    return name in transform_names(recipe)
+def needs_float_path(recipe: QTransform) -> bool:
+    """Whether ``recipe`` reads the float path (``fp_tokens`` / ``fp_cross``, GPTAQ): one more
+    float forward pass per block on the float model's own inputs."""
+    return "float_path" in reads_of(recipe)
+
+
+def is_data_free(recipe: QTransform) -> bool:
+    """Whether ``recipe`` reads no calibration data at all (e.g. RTN, rotations + RTN): its result is a
+    function of the weights only, so the engine runs no calibration passes for it."""
+    return not reads_of(recipe)
 
 
 class Stop(Exception):

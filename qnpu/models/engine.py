@@ -11,15 +11,22 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    ``H = X^T X / n`` (float32 sums of per-batch products; skipped when no transform of the recipe
    reads it, `capture.needs_hessian`), per-channel absmax and a fixed-seed uniform sample of
    ``max_stat_tokens`` rows over all calibration tokens.
-   When the recipe contains ``gptaq`` a float path is kept too: the float block also runs on the
-   float model's own inputs ``X_fp`` (outputs of the float blocks before it), giving
-   ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
+   When a transform reads the float path (``"float_path"``, GPTAQ) it is kept too: the float block
+   also runs on the float model's own inputs ``X_fp`` (outputs of the float blocks before it),
+   giving ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
 3. ``recipe.init`` / ``recipe.update`` run on a `BlockView` of the block's params (on CPU: qcore and
    the transforms build CPU tensors), and the result is written back: norm weights in place,
    every linear with a weight or activation spec or an online Hadamard becomes a `QLinear`
    (a static activation spec whose ``(scale, zero_point)`` no ``activation_scales`` step fixed gets
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
 4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
+
+What is collected follows what the recipe's transforms declare they read
+(`qnpu.transforms.reads_of`; the engine knows no transform by name). A *data-free* recipe, one that
+reads nothing (RTN, rotations + RTN, w8a16, w8a8-dynamic), gets the same weights from any
+calibration data, so steps 1-4 run on a small error sample only: the first ``error_sample =
+(sequences, tokens)`` of the calibration ids (default 8 x 128), which the error report below is
+computed from (`QuantizeResult.error_sample_tokens`; all of its rows for the per-linear errors).
 
 Rotations (QuaRot): a block rotated by ``hadamard_rotation`` computes ``x Q -> y Q``. Hidden
 states stay in the unrotated basis between blocks (the block gets ``x Q``, its output is
@@ -29,9 +36,9 @@ expects; after the last block `rotate_edges` rotates the embedding, final norm a
 
 Errors recorded per block: the relative output error of the quantized block against the float
 block on the same inputs, and per linear ``||X W^T - fq(X) W_hat^T||_F / ||X W^T||_F`` on the
-first ``error_tokens`` rows of its stats token sample, in the block's final basis (``X`` the
-transformed input sample, ``W`` the transformed float weight the rounder received, ``W_hat`` its
-dequantized result, ``fq`` the activation spec).
+first ``error_tokens`` rows of its stats token sample (data-free: every row of the error sample),
+in the block's final basis (``X`` the transformed input sample, ``W`` the transformed float weight
+the rounder received, ``W_hat`` its dequantized result, ``fq`` the activation spec).
 
 The models layer is the impure edge: `quantize_model` modifies the model *in place* and returns
 the same object.
@@ -61,15 +68,19 @@ from qnpu.transforms import (
     WeightsState,
     find_states,
     make_view,
+    reads_of,
     rotate_edges,
     rotation_matrix,
 )
 from qnpu.transforms.activations import static_input_qparams
 
-from .capture import SiteStats, Stop, first_output, input_sites, needs_hessian, recipe_uses, to_device
+from .capture import SiteStats, Stop, first_output, input_sites, needs_float_path, needs_hessian, to_device
 from .families import Family, block_structure, family_for
 from .qlinear import QLinear
 from .results import BlockResult, QuantizeResult, replaced_linears
+
+# (sequences, tokens) of the calibration ids a data-free recipe's error report is computed on
+ERROR_SAMPLE = (8, 128)
 
 _OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
 # what allocators say when they cannot allocate: CUDA / NPU ("out of memory"), torch's CPU allocator
@@ -175,19 +186,31 @@ class LayerwiseCalibration:
     def __init__(self, recipe: QTransform, family: Family, structure: BlockStructure, *, device="cpu",
                  batch_size: int = 8, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                  error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
-                 hessian: bool | None = None) -> None:
+                 hessian: bool | None = None, data_free: bool | None = None,
+                 error_sample: tuple[int, int] = ERROR_SAMPLE) -> None:
         if not isinstance(recipe, QTransform):
             raise TypeError(f"recipe must be a QTransform (e.g. chain(...)); got {type(recipe).__name__}")
         for name, value in (("batch_size", batch_size), ("max_stat_tokens", max_stat_tokens),
                             ("block_input_sample", block_input_sample), ("error_tokens", error_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
+        if not (isinstance(error_sample, (tuple, list)) and len(error_sample) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in error_sample)):
+            raise ValueError(f"error_sample={error_sample!r}; allowed: (sequences, tokens), two ints >= 1")
         self.recipe, self.family, self.structure = recipe, family, structure
         self.device, self.recipe_device = torch.device(device), torch.device(recipe_device)
         self.batch_size, self.max_stat_tokens = batch_size, max_stat_tokens
         self.block_input_sample, self.error_tokens = block_input_sample, error_tokens
-        self.float_path = recipe_uses(recipe, "gptaq") if float_path is None else bool(float_path)
+        self.float_path = needs_float_path(recipe) if float_path is None else bool(float_path)
         self.hessian = needs_hessian(recipe) if hessian is None else bool(hessian)
+        reads = reads_of(recipe)
+        calibrated = bool(reads) or self.float_path or self.hessian
+        if data_free and calibrated:
+            raise ValueError(f"data_free=True, but the recipe reads {', '.join(sorted(reads)) or 'nothing'}"
+                             f"{' and the float path / Hessian were asked for' if not reads else ''}: it needs "
+                             "the calibration passes (data_free=None decides from what the recipe reads)")
+        self.data_free = not calibrated if data_free is None else bool(data_free)
+        self.error_sample = tuple(error_sample)
         self.hidden: torch.Tensor | None = None
         self.fp_hidden: torch.Tensor | None = None
         self.batches: list[tuple[slice, tuple, dict]] = []
@@ -202,6 +225,8 @@ class LayerwiseCalibration:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
             raise ValueError(f"calibration_ids must be a non-empty integer tensor [n, seq]; got "
                              f"{tuple(ids.shape)} {ids.dtype}")
+        if self.data_free:  # the recipe's result does not depend on the data: only the error sample runs
+            ids = ids[: self.error_sample[0], : self.error_sample[1]]
         first = model.get_submodule(self.family.layers)[0]
         embed_device = model.get_submodule(self.family.embed).weight.device
         seen: dict = {}
@@ -250,6 +275,15 @@ class LayerwiseCalibration:
         with naming_out_of_memory(lambda: self.oom_where(f"quantizing block {index}", index)), torch.no_grad():
             return self._step(block, index, prefix)
 
+    @property
+    def error_sample_tokens(self) -> int | None:
+        """Token rows the per-linear errors are measured on (None before `capture`): every row of
+        the error sample when data-free, else the first ``error_tokens`` of the stats' token sample."""
+        if self.hidden is None:
+            return None
+        total = self.hidden.shape[0] * self.hidden.shape[1]
+        return total if self.data_free else min(total, self.max_stat_tokens, self.error_tokens)
+
     def oom_where(self, doing: str, index: int | None = None) -> str:
         """``doing`` (e.g. "quantizing block 3") with the block's name, the device, the calibration
         set and what to lower: the text of `naming_out_of_memory` for this run."""
@@ -275,7 +309,8 @@ class LayerwiseCalibration:
         the float block's outputs (the reference for the block error). Advances the float path."""
         sites = input_sites(self.structure)
         total = self.hidden.shape[0] * self.hidden.shape[1]
-        acc = {s: SiteStats(self.max_stat_tokens, self.hessian, total) for s in set(sites.values())}
+        keep = total if self.data_free else self.max_stat_tokens  # data-free: every error-sample row
+        acc = {s: SiteStats(keep, self.hessian, total) for s in set(sites.values())}
         mode: dict = {"phase": None, "fp": {}}
 
         def make_hook(site):
@@ -410,7 +445,7 @@ class LayerwiseCalibration:
                 w = history[-2] if len(history) >= 2 else original[key]
             else:
                 w = view.params[key]
-            x = st.tokens[: self.error_tokens].float()
+            x = st.tokens[: self.error_sample_tokens].float()
             spec = view.specs.get(n)
             act = None if spec is None else spec.activation
             ref = x @ w.float().T
@@ -456,7 +491,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                    batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 2048,
                    block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
                    error_tokens: int = 128, float_path: bool | None = None,
-                   recipe_device="cpu", hessian: bool | None = None) -> QuantizeResult:
+                   recipe_device="cpu", hessian: bool | None = None, data_free: bool | None = None,
+                   error_sample: tuple[int, int] = ERROR_SAMPLE) -> QuantizeResult:
     """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
     block by block, calibrating on ``calibration_ids [n, seq]`` (module docstring has the flow).
 
@@ -465,9 +501,13 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     calibrated and back afterwards; the recipe runs on ``recipe_device`` (CPU: qcore and the
     transforms build CPU tensors). ``on_block`` is called with each `BlockResult` as soon as the
     block is done (e.g. to stream it into a ``CheckpointWriter`` via
-    `BlockResult.checkpoint_payload`). ``float_path`` (default: whether the recipe contains
-    ``gptaq``) keeps the float model's activations for GPTAQ's ``fp_cross``; ``hessian`` (default:
-    `needs_hessian`, true unless every transform is known to ignore it) collects ``X^T X``.
+    `BlockResult.checkpoint_payload`). ``float_path`` (default: whether a transform reads
+    ``"float_path"``) keeps the float model's activations for GPTAQ's ``fp_cross``; ``hessian``
+    (default: `needs_hessian`, whether a transform reads ``"hessian"``) collects ``X^T X``.
+    ``data_free`` (default: whether the recipe reads nothing, `capture.is_data_free`) runs the blocks
+    on the first ``error_sample = (sequences, tokens)`` of ``calibration_ids`` only, for the error
+    report; the weights are those of a full calibration. ``data_free=False`` calibrates on all of
+    ``calibration_ids`` anyway; True for a recipe that reads something is a ValueError.
 
     Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
     inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.
@@ -477,7 +517,7 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
-                               hessian=hessian)
+                               hessian=hessian, data_free=data_free, error_sample=error_sample)
     was_training = model.training
     model.eval()
     run.capture(model, calibration_ids)
@@ -507,4 +547,5 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
         edges = {k: model.get_parameter(k).detach() for k in edges}
     model.train(was_training)
     return QuantizeResult(model=model, blocks=blocks, seconds=time.perf_counter() - start,
-                          rotated=run.rotation is not None, edges=edges, config=model.config.to_dict())
+                          rotated=run.rotation is not None, edges=edges, config=model.config.to_dict(),
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)

@@ -25,7 +25,7 @@ from torch import nn
 
 from qnpu.transforms import QTransform
 
-from .engine import LayerwiseCalibration, naming_out_of_memory, progress_bar
+from .engine import ERROR_SAMPLE, LayerwiseCalibration, naming_out_of_memory, progress_bar
 from .results import BlockResult, QuantizeResult
 from .families import block_structure, family_for, hf_config
 from .loading import missing_tensors_error
@@ -137,7 +137,8 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
                        on_block: Callable[[BlockResult], None], device="cpu", batch_size: int = 8,
                        progress: bool = True, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                        error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
-                       hessian: bool | None = None, dtype: torch.dtype | None = None) -> QuantizeResult:
+                       hessian: bool | None = None, dtype: torch.dtype | None = None, data_free: bool | None = None,
+                       error_sample: tuple[int, int] = ERROR_SAMPLE) -> QuantizeResult:
     """Quantize the HF checkpoint folder ``path`` (``config.json`` + safetensors) block by block
     without loading it whole; same arguments and per-block results as `quantize_model`.
 
@@ -171,7 +172,7 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
-                               hessian=hessian)
+                               hessian=hessian, data_free=data_free, error_sample=error_sample)
     run.capture(model, calibration_ids)
     layers = model.get_submodule(family.layers)
     blocks = []
@@ -195,4 +196,5 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     if run.rotation is not None:
         config = {**config, "tie_word_embeddings": False}
     return QuantizeResult(model=None, blocks=blocks, seconds=time.perf_counter() - start,
-                          rotated=run.rotation is not None, edges=edges, config=config)
+                          rotated=run.rotation is not None, edges=edges, config=config,
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)

@@ -71,7 +71,9 @@ class QuantizeResult:
     `BlockResult` per block; edges: the final embedding / final norm / lm_head tensors by full
     name (lm_head only when untied); config: the model's HF config dict after quantization
     (``tie_word_embeddings`` False when rotation untied the embeddings); rotated: whether the
-    residual stream is rotated."""
+    residual stream is rotated; data_free: whether the recipe read no calibration data (the blocks
+    then ran on the error sample only); error_sample_tokens: token rows each linear's error was
+    measured on."""
 
     model: Any
     blocks: list
@@ -79,6 +81,8 @@ class QuantizeResult:
     rotated: bool
     edges: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    data_free: bool = False
+    error_sample_tokens: int | None = None
 
     def worst_linears(self, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` linears (full labels) with the largest relative output error."""

@@ -96,7 +96,8 @@ def _recipes() -> dict:
 def _print_report(report: dict) -> None:
     print(f"model    {report['model']['name']} ({report['model']['kind']})")
     print(f"recipe   {report['recipe']}" + (f", group size {report['group_size']}" if report["group_size"] else ""))
-    print(f"calib    {report['calibration']['samples']} x {report['calibration']['seq_len']} tokens")
+    print(f"calib    {report['calibration']['samples']} x {report['calibration']['seq_len']} tokens"
+          + ("  (not read: the recipe reads no calibration data)" if report.get("data_free") else ""))
     for name in ("docs", "code"):
         base = report.get("baseline", {}).get(name, {}).get("ppl")
         quant = report.get("quantized", {}).get(name, {}).get("ppl")
@@ -106,7 +107,8 @@ def _print_report(report: dict) -> None:
     wb = report["weight_bytes"]
     print(f"weights  linear layers {wb['before'] / 2**20:.1f} MiB -> {wb['linear_weights'] / 2**20:.1f} MiB")
     print(f"time     quantize {report['quantize_seconds']:.1f} s, total {report['wall_seconds']:.1f} s")
-    print("largest output error:")
+    sample = report.get("error_sample_tokens")
+    print(f"largest output error{f' (on {sample} tokens)' if sample else ''}:")
     for row in report["worst_layers"]:
         print(f"  {row['relative_output_error']:.4f}  {row['layer']}")
     if "lowered" in report:

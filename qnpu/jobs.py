@@ -222,6 +222,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     report["worst_layers"] = [{"layer": label, "relative_output_error": err}
                               for label, err in result.worst_linears(5)]
+    report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
     report["weight_bytes"] = {"before": before["linear_weights"], **weight_bytes(net)}
     schemes = plan(net, lowered) if lowered is not None else None
     if evaluate_result:
@@ -288,6 +289,7 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         report["worst_layers"] = [{"layer": label, "relative_output_error": err}
                                   for label, err in result.worst_linears(5)]
+        report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
         report["weight_bytes"] = {**sizes, "note": "decoder-block linears only"}
         report["recipe_dict"] = recipe_to_dict(transform)
         writer.add(result.edges)

@@ -126,6 +126,12 @@ def _print_lowered(low: dict, simulated: dict) -> None:
         print(f"ppl {name:<5}lowered {row['ppl']:.3f}{delta}")
 
 
+OVERWRITE_HELP = ("replace an existing output that qnpu wrote: a qnpu checkpoint (qnpu.json), a qnpu export or "
+                  "an empty folder")
+OVERWRITE_ANY_HELP = ("replace whatever is at the output path (a model folder, other files); never the input, "
+                      "nor a folder holding it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qnpu", description="Functional post-training quantization "
                                      "for LLMs, lowered to Ascend NPUs.")
@@ -143,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--batch-size", type=int, default=8,
                      help="calibration sequences per forward pass (default 8; lower it when memory runs out)")
     p_q.add_argument("--output", default="qnpu-out", help="checkpoint folder (default ./qnpu-out)")
-    p_q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p_q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p_q.add_argument("--overwrite-any", action="store_true", help=OVERWRITE_ANY_HELP)
     p_q.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per slice (default 20480)")
     p_q.add_argument("--no-eval", action="store_true", help="skip the baseline and quantized perplexity")
     p_q.add_argument("--stream", action="store_true",
@@ -162,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_x.add_argument("--format", default="ascend-v1", help="ascend-v1 (default) | compressed-tensors")
     p_x.add_argument("--output", required=True, help="export folder")
     p_x.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
-    p_x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p_x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p_x.add_argument("--overwrite-any", action="store_true", help=OVERWRITE_ANY_HELP)
     p_x.add_argument("--json", action="store_true", help="print one JSON object")
     p_e.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                   output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
                                   progress=True, batch_size=args.batch_size, stream=args.stream,
-                                  lowered=args.lowered)
+                                  lowered=args.lowered, overwrite_any=args.overwrite_any)
             _print_json(report) if args.json else _print_report(report)
             return 0
         if args.command == "eval":
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             from qnpu.jobs import export_job
 
             data = export_job(checkpoint=args.checkpoint, output=args.output, format=args.format, dtype=args.dtype,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, overwrite_any=args.overwrite_any)
             if not args.json:
                 data = {"output": data["output"], "format": data["format"], "dtype": data["dtype"],
                         "layers": ", ".join(f"{n} {t}" for t, n in data["layer_types"].items()),

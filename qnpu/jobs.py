@@ -1,7 +1,7 @@
 """The main jobs behind the CLI: quantize a model end to end with a report, and evaluate one.
 
 `quantize_job` checks its arguments (recipe, device, counts, --seq-len against the model's
-config.json, an output folder it can create) before any work, loads a model,
+config.json, an output folder it can create and may replace) before any work, loads a model,
 measures baseline perplexity, calibrates and quantizes it block by block with a recipe, measures
 the quantized perplexity and saves the checkpoint with the report (atomically). Everything it
 prints is also returned as a JSON-ready dict.
@@ -21,6 +21,7 @@ import torch
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
+from qnpu.lowering.exports import is_export
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
 from qnpu.models.default import default_cache_dir, load_default_tokenizer
 from qnpu.models.devices import resolve_device
@@ -87,13 +88,27 @@ def check_seq_len(model: str | None, seq_len: int) -> None:
                          f"{limit} in {config}); use --seq-len {limit} or less")
 
 
-def check_output_folder(output: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder that exists (without ``overwrite``) or cannot be
-    written: its ``<name>.partial-<pid>`` folder, where checkpoints and exports are first written, is
-    created and removed again, with any parent folders created for it."""
+def check_output_folder(output: str | os.PathLike, overwrite: bool, *, overwrite_any: bool = False,
+                        inputs: dict[str, str | os.PathLike] | None = None) -> None:
+    """Refuse, before any work, an output folder that cannot be written or must not be replaced:
+
+    * one of ``inputs`` (``{"--model": path}``: what the job reads), one inside it or one holding
+      it, whatever the flags;
+    * an existing path without ``overwrite``, and with it anything qnpu did not write (a qnpu
+      checkpoint with ``qnpu.json``, a qnpu export, an empty folder may be replaced): a model
+      folder, unrelated files or a regular file need ``overwrite_any`` (``--overwrite-any``);
+    * a path that cannot be created: its ``<name>.partial-<pid>`` folder, where checkpoints and
+      exports are first written, is created and removed again, with any parent folders created for it."""
     path = Path(output)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it (--overwrite)")
+    overwrite = overwrite or overwrite_any
+    for what, source in (inputs or {}).items():
+        _check_apart(path, what, Path(source))
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
+                                  "(--overwrite)")
+        if not overwrite_any:
+            _check_replaceable(path)
     if not path.name:
         raise ValueError(f"--output {output} names no folder; give a folder name")
     probe = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -115,6 +130,32 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool) -> None:
                 if parent == existing:
                     break
                 parent.rmdir()
+
+
+def _check_apart(output: Path, what: str, source: Path) -> None:
+    """Refuse an output that is ``source`` (compared resolved: symlinks, ``..``), lies inside it or holds it."""
+    out, src = output.resolve(), source.resolve()
+    if out == src:
+        raise ValueError(f"--output {output} is {what} {source} itself: writing there would replace what qnpu "
+                         "reads; choose another --output")
+    if out.is_relative_to(src):
+        raise ValueError(f"--output {output} is inside {what} {source}; choose an --output outside it")
+    if src.is_relative_to(out):
+        raise ValueError(f"--output {output} holds {what} {source}: replacing it would delete it; choose another "
+                         "--output")
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace (``--overwrite``) what qnpu did not write: only a qnpu checkpoint, a qnpu export
+    or an empty folder may be replaced."""
+    if path.is_dir():
+        if (path / "qnpu.json").is_file() or is_export(path) or next(path.iterdir(), None) is None:
+            return
+        what = "a folder without qnpu.json, and not a qnpu export"
+    else:
+        what = "a file" if path.is_file() else "not a folder"
+    raise FileExistsError(f"--output {path} exists and is not a qnpu checkpoint or export ({what}); --overwrite "
+                          "replaces only those: choose another --output, or pass --overwrite-any to replace it anyway")
 
 
 def _name_max(folder: Path) -> int:
@@ -180,7 +221,8 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                  samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
-                 batch_size: int = 8, stream: bool = False, lowered: str | None = None) -> dict:
+                 batch_size: int = 8, stream: bool = False, lowered: str | None = None,
+                 overwrite_any: bool = False) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error.
 
@@ -203,7 +245,9 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     check_counts(samples=samples, seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens)
     check_seq_len(model, seq_len)
     if output is not None:
-        check_output_folder(output, overwrite)
+        source = default_cache_dir() if model in DEFAULT_NAMES else model
+        check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"--model": source})
+        overwrite = overwrite or overwrite_any
     if stream:
         return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
                            seq_len=seq_len, seed=seed, device=device, output=output, overwrite=overwrite,
@@ -323,7 +367,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype: str | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
+               overwrite: bool = False, progress: bool = True, overwrite_any: bool = False) -> dict:
     """Export a qnpu checkpoint for a serving stack (`qnpu.lowering.export`); format, dtype and output
     folder are checked before the checkpoint is loaded."""
     start = time.perf_counter()
@@ -331,7 +375,8 @@ def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype
         raise ValueError(f"--format {format} is not supported; allowed: {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
-    check_output_folder(output, overwrite)
+    check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"the checkpoint": checkpoint})
+    overwrite = overwrite or overwrite_any
     net, tokenizer, source = load(checkpoint, progress=progress)
     if dtype is not None:
         net = net.to(DTYPES[dtype])

@@ -87,6 +87,7 @@ def test_export_layout_and_config(tmp_path, case):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "out/config.json").read_text())
     qc = config.pop("quantization_config")
+    assert config.pop("qnpu_export")["format"] == "compressed-tensors"  # the mark of a folder qnpu wrote
     assert config["dtype"] == config["torch_dtype"] == "float32"
     want = json.loads(json.dumps(model.config.to_dict()))
     assert {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")} == \

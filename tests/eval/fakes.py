@@ -1,5 +1,7 @@
 """A character tokenizer with a Jinja chat template, and a tiny random Llama, for fast eval tests."""
+import contextlib
 import functools
+import io
 
 import jinja2
 import torch
@@ -51,3 +53,13 @@ def tiny_llama():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          eos_token_id=0, bos_token_id=None, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def run_cli(argv):
+    """``(exit status, stdout, stderr)`` of ``qnpu`` with ``argv``, in this process."""
+    from qnpu.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

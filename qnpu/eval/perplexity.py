@@ -29,6 +29,15 @@ from qnpu.data import read_slice, slice_info
 WINDOW = 512
 
 
+def ppl_of(nll: float) -> float:
+    """``exp(nll)``, and ``inf`` where that exceeds the float range (a mean NLL above ~709.78 nats:
+    a collapsed model, e.g. W4A4 without outlier handling); NaN stays NaN."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 def perplexity(model, token_ids: torch.Tensor, window: int = WINDOW, *, progress: bool = True,
                device: torch.device | str | None = None) -> dict:
     """Perplexity of a causal LM on ``token_ids`` (1-d integer tensor) over windows of ``window``.
@@ -73,11 +82,11 @@ def perplexity(model, token_ids: torch.Tensor, window: int = WINDOW, *, progress
                 total += float(loss) * (window - 1)
                 count += window - 1
                 bar.update(1)
-                bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+                bar.set_postfix(ppl=f"{ppl_of(total / count):.3f}")
     finally:
         model.train(was_training)
     nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "n_windows": n_windows, "n_predictions": count,
+    return {"ppl": ppl_of(nll), "nll": nll, "n_windows": n_windows, "n_predictions": count,
             "window": window, "n_dropped": token_ids.numel() - n_windows * window}
 
 

@@ -16,12 +16,11 @@ unless ``skip_bad``: then it is skipped and listed.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from qnpu.eval.perplexity import WINDOW, perplexity
+from qnpu.eval.perplexity import WINDOW, perplexity, ppl_of
 
 
 class TextError(ValueError):
@@ -84,5 +83,5 @@ def text_perplexity(model, tokenizer, texts: list[tuple[Path, str]], *, max_toke
     if not rows:
         raise TextError(f"no text has a full window of {window} tokens with this tokenizer; give more text")
     nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "files": rows, "n_files": len(rows), "skipped": skipped,
+    return {"ppl": ppl_of(nll), "nll": nll, "files": rows, "n_files": len(rows), "skipped": skipped,
             "n_windows": sum(r["n_windows"] for r in rows), "n_predictions": int(count), "window": window}

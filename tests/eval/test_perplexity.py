@@ -173,3 +173,13 @@ def test_tokenize_slice_returns_the_first_tokens_without_bos():
     assert tokenize_slice(CharTokenizer(), "code", "all").numel() == len(read_slice("code"))
     with pytest.raises(ValueError, match="fewer than"):
         tokenize_slice(CharTokenizer(), "docs", 10**7)
+
+
+def test_a_collapsed_model_has_infinite_perplexity_not_an_overflow():
+    """A mean NLL above log(float max) ~ 709.78 (a broken W4A4 model) reports ppl = inf, not
+    OverflowError; just below it the value is exp(nll) itself."""
+    ids = torch.full((3 * 8,), 8000)  # Recorder's loss: 800 nats per window
+    out = perplexity(Recorder(), ids, 8, progress=False)
+    assert out["nll"] == pytest.approx(800.0) and out["ppl"] == math.inf
+    below = perplexity(Recorder(), torch.full((8,), 7000), 8, progress=False)
+    assert below["ppl"] == pytest.approx(math.exp(700.0), rel=1e-9)

@@ -27,6 +27,7 @@ from qnpu.eval.code.prompts import build_prompt, template_style
 from qnpu.eval.code.report import write_report
 from qnpu.eval.code.sandbox import STATUSES, Limits, isolation, run_program
 from qnpu.eval.code.tasks import Problem
+from qnpu.eval.perplexity import ppl_of
 
 ROWS_FILE, SUMMARY_FILE, REPORT_FILE = "problems.jsonl", "summary.json", "report.md"
 OUTPUT_KEEP = 600  # characters of a failing program's output kept per sample
@@ -58,7 +59,7 @@ def _reference(model, tokenizer, problem: Problem) -> dict:
         nll, tokens = reference_nll(model, tokenizer, problem.reference_context, problem.reference)
     except Exception as err:  # noqa: BLE001 - one problem's failure is recorded, the run goes on
         return {"error": f"{type(err).__name__}: {err}"}
-    return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens) if tokens else None}
+    return {"nll": nll, "tokens": tokens, "ppl": ppl_of(nll / tokens) if tokens else None}
 
 
 def _score(problem: Problem, samples, how: dict, limits: Limits, sandbox: str) -> list[dict]:
@@ -119,7 +120,7 @@ def summarize_reference(references: dict) -> dict:
     ok = [r for r in references.values() if "nll" in r and r["tokens"]]
     nll, tokens = sum(r["nll"] for r in ok), sum(r["tokens"] for r in ok)
     return {"problems": len(ok), "errors": len(references) - len(ok), "tokens": tokens,
-            "nll": nll / tokens if tokens else None, "ppl": math.exp(nll / tokens) if tokens else None,
+            "nll": nll / tokens if tokens else None, "ppl": ppl_of(nll / tokens) if tokens else None,
             "per_problem_ppl": distribution([r["ppl"] for r in ok])}
 
 

@@ -3,7 +3,7 @@
 Everything is checked before the model is loaded: lm-eval installed, the task names (looked up in
 ``--include-path`` alone when every name is there, else in lm-eval's own tasks too), counts,
 target, device, model path; then the tasks' data are loaded (a dataset that cannot be reached is a
-one-line error naming the task), then the model. Results go to the output folder: ``results.json``
+one-line error naming the task), the output folder created, and the model loaded. Results go to the output folder: ``results.json``
 (lm-eval's results without the per-sample records), ``samples_<task>.jsonl`` (one line per
 document: arguments, responses, metrics) and ``results.md`` (lm-eval's tables); each file is written
 whole under a temporary name and renamed into place. lm-eval is imported only when a run starts.
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
+import qnpu
 from qnpu.models.loading import DEFAULT_NAMES
 
 INSTALL = "pip install lm_eval==0.4.13 (or pip install -e '.[lmeval]')"
@@ -100,6 +102,25 @@ def load_tasks(tm, names: list[str]) -> list:
     return out
 
 
+class _Expected(logging.Filter):
+    """Drops lm-eval's warnings about what qnpu does on purpose: HFLM given a loaded model (qnpu
+    loads it), and a task with its own loader told about lm-eval's ``--metadata`` flag."""
+
+    EXPECTED = ("`pretrained` model kwarg is not of type", "Passed an already-initialized model",
+                "Custom kwargs can be passed to `--metadata`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in self.EXPECTED)
+
+
+def quiet_expected_warnings() -> None:
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Expected) for f in log.filters):
+            log.addFilter(_Expected())
+
+
 def _check_output(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output {folder} is a file; give a folder")
@@ -140,12 +161,13 @@ def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = Non
     folder = Path(output if output is not None else Path("qnpu-out") / "lm-eval")
     _check_output(folder)
     tm = task_manager(names, include_path)
+    quiet_expected_warnings()
+    task_objects = load_tasks(tm, names)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
             from None
-    task_objects = load_tasks(tm, names)
 
     import lm_eval
 
@@ -156,6 +178,10 @@ def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = Non
     results = lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=tm, num_fewshot=num_fewshot,
                                       limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
+    # simple_evaluate records an LM object's config name and no batch size or device: say what ran
+    results["config"].update(model=lm.qnpu_source.get("path", lm.qnpu_source["name"]), model_args=model_args,
+                             batch_size=batch_size, device=device, lowered=lowered, dtype=dtype,
+                             qnpu=qnpu.__version__)
     outputs = write_results(folder, results)
     summary = summarize(results)
     return {"model": lm.qnpu_source, "lowered": lowered, "device": device, "dtype": dtype, **summary,
@@ -206,7 +232,7 @@ def write_results(folder: Path, results: dict) -> dict:
         paths[f"samples_{task}"] = str(path)
     _write(folder / "results.json", dumps({k: v for k, v in results.items() if k != "samples"}, indent=2) + "\n")
     table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
-    _write(folder / "results.md", table)
+    _write(folder / "results.md", table + "\n")
     paths.update(results=str(folder / "results.json"), table=str(folder / "results.md"))
     return paths
 

@@ -7,8 +7,6 @@ through the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -199,7 +197,9 @@ def test_a_lowered_reference_model_scores_close_to_the_simulated_one(models, lms
     reqs = requests("loglikelihood", PAIRS)
     simulated = [v for v, _ in lms["ckpt"].loglikelihood(reqs, disable_tqdm=True)]
     lowered = [v for v, _ in low.loglikelihood(reqs, disable_tqdm=True)]
-    assert lowered == pytest.approx(simulated, rel=1e-3, abs=1e-3)
+    # W8A8-dynamic layers are within 1e-5 of their QLinear (docs/architecture.md, "Bounds"); the
+    # float model is 2.4e-3 away from the simulated one on these pairs, so the bound tells them apart
+    assert lowered == pytest.approx(simulated, rel=0, abs=5e-4)
 
 
 def test_model_arguments_are_checked(models):
@@ -235,6 +235,7 @@ def test_the_offline_tasks_run_end_to_end_through_the_cli(models, tmp_path):
     full = json.loads((out / "results.json").read_text())
     assert full["results"]["qnpu_tiny_mc"]["acc,none"] == mc["metrics"]["acc"]
     assert full["n-samples"]["qnpu_tiny_mc"]["effective"] == 8
+    assert full["config"]["model"] == str(models["ckpt"].resolve()) and full["config"]["batch_size"] == 4
     rows = [json.loads(line) for line in (out / "samples_qnpu_tiny_mc.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and sum(r["acc"] for r in rows) / 8 == mc["metrics"]["acc"]
     assert "qnpu_tiny_mc" in (out / "results.md").read_text()
@@ -276,15 +277,3 @@ def test_a_bad_model_path_and_a_bad_include_path_exit_2(tmp_path):
     assert code == 2 and "does not exist" in stderr and len(stderr.strip().splitlines()) == 1
     code, _, stderr = run_cli(["lm-eval", "default", "--tasks", "x", "--include-path", str(tmp_path / "none")])
     assert code == 2 and "--include-path" in stderr and len(stderr.strip().splitlines()) == 1
-
-
-def test_without_lm_eval_the_cli_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
-    code, _, stderr = run_cli(["lm-eval", "default", "--tasks", "qnpu_tiny_mc"])
-    assert code == 2 and "lm-eval is not installed" in stderr and "pip install" in stderr
-
-
-def test_qnpu_imports_without_lm_eval():
-    code = ("import sys; sys.modules['lm_eval'] = None; import qnpu.cli, qnpu.jobs, qnpu.eval; "
-            "from qnpu.cli import build_parser; build_parser().parse_args(['lm-eval', 'm', '--tasks', 't'])")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -10,10 +10,12 @@ whole under a temporary name and renamed into place. lm-eval is imported only wh
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -121,18 +123,11 @@ def quiet_expected_warnings() -> None:
             log.addFilter(_Expected())
 
 
-def _check_output(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder} is a file; give a folder")
-
-
-def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = None, limit: int | None = None,
-                num_fewshot: int | None = None, batch_size: int | str = 1, device: str = "cpu",
-                lowered: str | None = None, dtype: str = "float32", model_args: str | None = None,
-                output: str | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Run lm-eval ``tasks`` (comma-separated) on ``model`` and write the results to ``output``
-    (default ``qnpu-out/lm-eval``); returns the compact summary (`summarize`)."""
-    start = time.perf_counter()
+def check_arguments(*, model: str | None, tasks: str, limit: int | None, num_fewshot: int | None,
+                    batch_size: int | str, device: str, lowered: str | None, dtype: str, model_args: str | None,
+                    output: str | None) -> tuple[list[str], dict, Path]:
+    """Everything that can be checked without lm-eval's task index or the model: ``(task names,
+    HFLM arguments, output folder)``; a ValueError (FileNotFoundError for the model path) otherwise."""
     require_lm_eval()
     names = parse_tasks(tasks)
     for flag, value, low in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0)):
@@ -143,12 +138,11 @@ def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = Non
         raise ValueError(f"--batch-size {batch_size!r} is invalid; allowed: an integer >= 1 or auto")
     extra = parse_model_args(model_args)
     from qnpu.eval.lm_eval_model import DTYPES
-
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
     from qnpu.lowering import check_target
     from qnpu.models.devices import resolve_device
 
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype} is invalid; allowed: {', '.join(DTYPES)}")
     resolve_device(device)
     if lowered is not None:
         try:
@@ -159,25 +153,40 @@ def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = Non
         raise FileNotFoundError(f"model path {model} does not exist; pass a Hugging Face folder, a .gguf file, a "
                                 "qnpu checkpoint, or 'default'")
     folder = Path(output if output is not None else Path("qnpu-out") / "lm-eval")
-    _check_output(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file; give a folder")
+    return names, extra, folder
+
+
+def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = None, limit: int | None = None,
+                num_fewshot: int | None = None, batch_size: int | str = 1, device: str = "cpu",
+                lowered: str | None = None, dtype: str = "float32", model_args: str | None = None,
+                output: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Run lm-eval ``tasks`` (comma-separated) on ``model`` and write the results to ``output``
+    (default ``qnpu-out/lm-eval``); returns the compact summary (`summarize`). lm-eval seeds the
+    global generators with ``seed``; they are put back as they were afterwards."""
+    start = time.perf_counter()
+    names, extra, folder = check_arguments(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                           batch_size=batch_size, device=device, lowered=lowered, dtype=dtype,
+                                           model_args=model_args, output=output)
     tm = task_manager(names, include_path)
     quiet_expected_warnings()
-    task_objects = load_tasks(tm, names)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
-            from None
+    with _global_rng_kept():
+        task_objects = load_tasks(tm, names)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another "
+                             "--output") from None
+        import lm_eval
 
-    import lm_eval
+        from qnpu.eval.lm_eval_model import QnpuLM
 
-    from qnpu.eval.lm_eval_model import QnpuLM
-
-    lm = QnpuLM(pretrained=model, lowered=lowered, device=device, dtype=dtype, batch_size=batch_size,
-                progress=progress, **extra)
-    results = lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=tm, num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+        lm = QnpuLM(pretrained=model, lowered=lowered, device=device, dtype=dtype, batch_size=batch_size,
+                    progress=progress, **extra)
+        results = lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=tm, num_fewshot=num_fewshot,
+                                          limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
     # simple_evaluate records an LM object's config name and no batch size or device: say what ran
     results["config"].update(model=lm.qnpu_source.get("path", lm.qnpu_source["name"]), model_args=model_args,
                              batch_size=batch_size, device=device, lowered=lowered, dtype=dtype,
@@ -186,6 +195,21 @@ def run_lm_eval(*, model: str | None, tasks: str, include_path: str | None = Non
     summary = summarize(results)
     return {"model": lm.qnpu_source, "lowered": lowered, "device": device, "dtype": dtype, **summary,
             "outputs": outputs, "wall_seconds": round(time.perf_counter() - start, 2)}
+
+
+@contextlib.contextmanager
+def _global_rng_kept():
+    """Python's, numpy's and torch's (CPU and CUDA) global random states as they were, afterwards."""
+    import numpy as np
+    import torch
+
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
 
 
 def _metrics(row: dict) -> dict:

@@ -242,6 +242,13 @@ def test_the_offline_tasks_run_end_to_end_through_the_cli(models, tmp_path):
 
 
 def test_the_cli_table_limit_and_lowered_target(models, tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    before = random.random(), np.random.rand(), torch.rand(1)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
     code, stdout, stderr = run_cli(["lm-eval", str(models["ckpt"]), "--tasks", "qnpu_tiny_mc", "--include-path",
                                     str(TASKS), "--limit", "3", "--num-fewshot", "1", "--lowered", "reference",
                                     "--output", str(tmp_path / "r")])
@@ -250,6 +257,7 @@ def test_the_cli_table_limit_and_lowered_target(models, tmp_path):
     full = json.loads((tmp_path / "r" / "results.json").read_text())
     assert full["n-samples"]["qnpu_tiny_mc"] == {"original": 8, "effective": 3}
     assert full["configs"]["qnpu_tiny_mc"]["num_fewshot"] == 1
+    assert (random.random(), np.random.rand(), torch.rand(1)) == before  # the global generators left alone
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -3,10 +3,11 @@
 Everything is checked before the model is loaded: lm-eval installed, the task names (looked up in
 ``--include-path`` alone when every name is there, else in lm-eval's own tasks too), counts,
 target, device, model path; then the tasks' data are loaded (a dataset that cannot be reached is a
-one-line error naming the task), the output folder created, and the model loaded. Results go to the output folder: ``results.json``
-(lm-eval's results without the per-sample records), ``samples_<task>.jsonl`` (one line per
-document: arguments, responses, metrics) and ``results.md`` (lm-eval's tables); each file is written
-whole under a temporary name and renamed into place. lm-eval is imported only when a run starts.
+one-line error naming the task), the output folder is created and the model loaded. Results go to
+the output folder: ``results.json`` (lm-eval's results without the per-sample records),
+``samples_<task>.jsonl`` (one line per document: arguments, responses, metrics) and ``results.md``
+(lm-eval's tables); each file is written whole under a temporary name and renamed into place.
+lm-eval is imported only when a run starts.
 """
 from __future__ import annotations
 

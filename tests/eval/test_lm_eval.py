@@ -266,6 +266,8 @@ def test_the_cli_table_limit_and_lowered_target(models, tmp_path):
     (["--tasks", "qnpu_tiny_mc", "--limit", "0"], "--limit"),
     (["--tasks", "qnpu_tiny_mc", "--lowered", "nowhere"], "--lowered"),
     (["--tasks", "qnpu_tiny_mc", "--device", "tpu"], "device"),
+    (["--tasks", "qnpu_tiny_mc", "--model-args", "pretrained=x"], "--model-args pretrained is not an argument"),
+    (["--tasks", "qnpu_tiny_mc", "--dtype", "float8"], "--dtype float8"),
 ])
 def test_bad_cli_input_is_one_line_and_exit_2(models, tmp_path, monkeypatch, argv, needle):
     from lm_eval.tasks import TaskManager
@@ -277,6 +279,13 @@ def test_bad_cli_input_is_one_line_and_exit_2(models, tmp_path, monkeypatch, arg
     assert code == 2 and stderr.startswith("qnpu lm-eval: error:") and needle in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_an_output_that_is_a_file_exits_2(models, tmp_path):
+    (tmp_path / "f").write_text("keep")
+    code, _, stderr = run_cli(["lm-eval", str(models["hf"]), "--tasks", "qnpu_tiny_mc", "--include-path", str(TASKS),
+                               "--output", str(tmp_path / "f")])
+    assert code == 2 and "is a file" in stderr and (tmp_path / "f").read_text() == "keep"
 
 
 def test_a_bad_model_path_and_a_bad_include_path_exit_2(tmp_path):

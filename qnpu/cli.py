@@ -4,6 +4,7 @@ Subcommands:
   qnpu quantize   quantize a model (default: the embedded SmolLM2-135M with w8a8-dynamic) and report
   qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices; with --task
                   humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths)
+  qnpu lm-eval    lm-evaluation-harness tasks on a model or a qnpu checkpoint (simulated or lowered)
   qnpu recipes    the built-in recipes
   qnpu info       versions and which accelerators (CUDA, Ascend NPU via torch_npu) are usable
   qnpu hadamard   whether an order n has a Hadamard matrix here, and how it is built
@@ -312,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "(windows of 512 tokens; only the text unless --slices is given)")
     p_e.add_argument("--text-dir", default=None, metavar="DIR", help="as --text, for every *.txt file under DIR")
     _add_code_eval_arguments(p_e)
+    p_l = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (arc_easy, hellaswag, ... or your own YAML) on a "
+                         "model or a qnpu checkpoint, simulated or lowered (needs lm_eval: pip install -e '.[lmeval]')")
+    p_l.add_argument("model", help="checkpoint / HF folder / .gguf / 'default'")
+    p_l.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names, or YAML files")
+    p_l.add_argument("--include-path", default=None, metavar="DIR", help="a folder of your own task YAML files")
+    p_l.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
+    p_l.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p_l.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=1,
+                     help="requests per forward pass (default 1; auto: the largest that fits)")
+    p_l.add_argument("--device", default="cpu", help="cpu | cuda[:i] | npu[:i]")
+    p_l.add_argument("--lowered", default=None, metavar="TARGET", help="evaluate the checkpoint lowered to integer "
+                     "ops for TARGET (reference | ascend) instead of simulated")
+    p_l.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
+    p_l.add_argument("--model-args", default=None, metavar="K=V,...", help="lm-eval HFLM arguments: max_length, "
+                     "add_bos_token, prefix_token_id, softmax_dtype, logits_cache, truncation, max_batch_size")
+    p_l.add_argument("--output", default=None, help="results folder (default ./qnpu-out/lm-eval)")
+    p_l.add_argument("--json", action="store_true", help="print one JSON object")
     p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE; "
                          "compressed-tensors: vLLM, transformers)")
     p_x.add_argument("checkpoint", help="qnpu checkpoint folder (from qnpu quantize)")
@@ -393,6 +411,13 @@ def _run(args, output, before) -> int:
                             for k, v in low["perplexity"].items()} if low else {}),
                         **({"lowered schemes": ", ".join(f"{n} {s}" for s, n in low["schemes"].items())}
                            if low else {})}
+        elif args.command == "lm-eval":
+            from qnpu.eval.lm_eval_run import run_lm_eval, summary_lines
+
+            data = run_lm_eval(model=args.model, tasks=args.tasks, include_path=args.include_path, limit=args.limit,
+                               num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+                               lowered=args.lowered, dtype=args.dtype, model_args=args.model_args, output=args.output)
+            data = data if args.json else summary_lines(data)
         elif args.command == "export":
             from qnpu.jobs import export_job
 

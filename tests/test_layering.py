@@ -15,11 +15,11 @@ ALLOWED_QNPU = {
     "lowering": {"qcore"},
     "testing": {"qcore", "transforms"},
     "data": set(),
-    "eval": {"qcore", "transforms", "models", "data"},
+    "eval": {"qcore", "transforms", "models", "lowering", "data"},
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
                      "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu", "transformers"},
-                     "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm"}}
+                     "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm", "lm_eval"}}
 
 
 def _imports(path: Path) -> set[str]:

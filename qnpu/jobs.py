@@ -274,8 +274,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     t0 = time.perf_counter()
     result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-    report["worst_layers"] = [{"layer": label, "relative_output_error": err}
-                              for label, err in result.worst_linears(5)]
+    report["worst_layers"], report["linear_errors"] = layer_errors(result)
     report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
     report["weight_bytes"] = {"before": before["linear_weights"], **weight_bytes(net)}
     schemes = plan(net, lowered) if lowered is not None else None
@@ -291,6 +290,13 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     report["recipe_dict"] = recipe_to_dict(transform)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def layer_errors(result) -> tuple[list[dict], list[dict]]:
+    """The five linears with the largest relative output error, and every linear's in model order
+    (``qnpu report`` plots these from a checkpoint's qnpu.json)."""
+    return tuple([{"layer": label, "relative_output_error": err} for label, err in rows]
+                 for rows in (result.worst_linears(5), result.linear_errors()))
 
 
 def lowered_report(net, tokenizer, target: str, schemes: dict, eval_tokens: int | None, progress: bool) -> dict:
@@ -341,8 +347,7 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
         result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
                                     progress=progress)
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-        report["worst_layers"] = [{"layer": label, "relative_output_error": err}
-                                  for label, err in result.worst_linears(5)]
+        report["worst_layers"], report["linear_errors"] = layer_errors(result)
         report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
         report["weight_bytes"] = {**sizes, "note": "decoder-block linears only"}
         report["recipe_dict"] = recipe_to_dict(transform)

@@ -92,11 +92,17 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> dict:
     run = {"label": label or (path.parent.name if path.is_file() else path.resolve().name), "path": str(path),
            "sources": {k: str(v) for k, v in found.items()}}
     data = {k: read_json(v) for k, v in found.items()}
-    run["code"] = normalise_code(data["code"], found["code"]) if "code" in data else None
-    run["checkpoint"] = _checkpoint(data["checkpoint"], found["checkpoint"]) if "checkpoint" in data else None
-    run["perplexity"] = _perplexity(data["perplexity"], found["perplexity"]) if "perplexity" in data else \
+    for kind, normalise in (("code", normalise_code), ("checkpoint", _checkpoint), ("perplexity", _perplexity),
+                            ("efficiency", _efficiency)):
+        try:
+            run[kind] = normalise(data[kind], found[kind]) if kind in data else None
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            raise ValueError(f"{found[kind]} does not have the structure qnpu writes ({type(err).__name__}: "
+                             f"{err}); was it edited or written by another version?") from None
+    if run["perplexity"] is None:
+        run["perplexity"] = (run["checkpoint"] or {}).pop("perplexity", None)
+    else:
         (run["checkpoint"] or {}).pop("perplexity", None)
-    run["efficiency"] = _efficiency(data["efficiency"], found["efficiency"]) if "efficiency" in data else None
     names = [_model_name(d) for d in data.values()]
     run["model"] = next((n for n in names if n), None)
     return run
@@ -188,6 +194,8 @@ def check_labels(labels: str | None, count: int) -> list[str | None]:
     if len(names) != count or not all(names):
         raise ValueError(f"--labels {labels!r} gives {len(names)} label(s) for {count} run(s); give one per RUN, "
                          "comma-separated, none empty")
+    if any("|" in name for name in names):
+        raise ValueError(f"--labels {labels!r}: a label may not hold '|' (it separates markdown table cells)")
     if len(set(names)) != len(names):
         raise ValueError(f"--labels {labels!r} repeats a label; each run needs its own")
     return names

@@ -213,6 +213,18 @@ def test_partial_data_leaves_sections_out_and_says_so(runs, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p["file"] for p in data["plots"])
 
 
+def test_runs_of_different_tasks_get_a_section_each(tmp_path):
+    write(tmp_path / "he", "summary.json", code_summary("fp"))
+    write(tmp_path / "mb", "summary.json", code_summary("w8a8", task="mbpp"))
+    code, stdout, err = run_cli(["report", str(tmp_path / "he"), str(tmp_path / "mb"), "--output",
+                                 str(tmp_path / "r"), "--json"])
+    assert code == 0, err
+    sections = json.loads(stdout)["code"]
+    assert {task: list(s["pass_at_1"]) for task, s in sections.items()} == {"humaneval": ["he"], "mbpp": ["mb"]}
+    assert sections["mbpp"]["pass_at_1"]["mb"] == dict(zip(MODES, PASS["w8a8"]))
+    assert (tmp_path / "r" / "mbpp-pass_at_1.png").is_file()
+
+
 def test_a_checkpoint_with_only_the_worst_layers_is_plotted_in_model_order(tmp_path):
     write(tmp_path / "old", "qnpu.json", checkpoint_meta("w4a8", complete=False))
     code, stdout, err = run_cli(["report", str(tmp_path / "old"), "--output", str(tmp_path / "r"), "--json"])
@@ -238,6 +250,8 @@ def test_a_second_report_into_the_same_folder_replaces_the_first(runs, tmp_path)
     ("bad_json", "cannot be read as JSON"),
     ("not_a_summary", "has no modes"),
     ("labels", "gives 2 label(s) for 1 run(s)"),
+    ("pipe_label", "may not hold '|'"),
+    ("bad_structure", "does not have the structure qnpu writes"),
     ("output_is_a_run", "not a qnpu report"),
 ])
 def test_bad_input_exits_2_with_one_line(runs, tmp_path, case, message):
@@ -253,6 +267,12 @@ def test_bad_input_exits_2_with_one_line(runs, tmp_path, case, message):
         (run / "summary.json").write_text('{"task": "humaneval"}')
     elif case == "labels":
         extra = ["--labels", "a,b"]
+    elif case == "pipe_label":
+        extra = ["--labels", "a|b"]
+    elif case == "bad_structure":
+        broken = efficiency("fp")
+        del broken["efficiency"]["prefill"][0]["batch"]
+        write(run, "efficiency.json", broken)
     elif case == "output_is_a_run":
         out = runs["w8a8"]
     before = sorted(p.name for p in runs["w8a8"].iterdir())

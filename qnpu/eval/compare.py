@@ -89,7 +89,8 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> dict:
         found = {k: path / name for k, name in FILES.items() if (path / name).is_file()}
         if not found:
             raise ValueError(f"{path} holds no qnpu results (none of {', '.join(FILES.values())})")
-    run = {"label": label or (path.parent.name if path.is_file() else path.resolve().name), "path": str(path),
+    run = {"label": label or (path.parent.name if path.is_file() else path.resolve().name), "named": bool(label),
+           "path": str(path),
            "sources": {k: str(v) for k, v in found.items()}}
     data = {k: read_json(v) for k, v in found.items()}
     for kind, normalise in (("code", normalise_code), ("checkpoint", _checkpoint), ("perplexity", _perplexity),
@@ -99,10 +100,6 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> dict:
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise ValueError(f"{found[kind]} does not have the structure qnpu writes ({type(err).__name__}: "
                              f"{err}); was it edited or written by another version?") from None
-    if run["perplexity"] is None:
-        run["perplexity"] = (run["checkpoint"] or {}).pop("perplexity", None)
-    else:
-        (run["checkpoint"] or {}).pop("perplexity", None)
     names = [_model_name(d) for d in data.values()]
     run["model"] = next((n for n in names if n), None)
     return run
@@ -187,7 +184,8 @@ def _efficiency(data: dict, file: Path) -> dict:
 
 
 def check_labels(labels: str | None, count: int) -> list[str | None]:
-    """``--labels a,b,c``: one distinct, non-empty label per run (None: labels from folder names)."""
+    """``--labels a,b,c``: one non-empty label per run (None: labels from folder names). Runs given
+    the same label are one model's results from several folders (`merge_runs`)."""
     if labels is None:
         return [None] * count
     names = [s.strip() for s in labels.split(",")]
@@ -196,18 +194,40 @@ def check_labels(labels: str | None, count: int) -> list[str | None]:
                          "comma-separated, none empty")
     if any("|" in name for name in names):
         raise ValueError(f"--labels {labels!r}: a label may not hold '|' (it separates markdown table cells)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--labels {labels!r} repeats a label; each run needs its own")
     return names
 
 
-def _unique(runs: list[dict]) -> None:
+KINDS = ("code", "perplexity", "efficiency", "checkpoint")
+
+
+def merge_runs(runs: list[dict]) -> list[dict]:
+    """One run per label, in first-seen order: folder-named runs of the same name are told apart
+    (``name-2``); runs labelled alike (``--labels``) are merged, each kind of result from the one run
+    holding it (two holding it is an error). Then a run without ``eval.json`` takes its checkpoint's
+    quantized perplexity."""
     seen: dict[str, int] = {}
     for run in runs:
-        base = run["label"]
-        seen[base] = seen.get(base, 0) + 1
-        if seen[base] > 1:
-            run["label"] = f"{base}-{seen[base]}"
+        if not run["named"]:
+            seen[run["label"]] = seen.get(run["label"], 0) + 1
+            if seen[run["label"]] > 1:
+                run["label"] = f"{run['label']}-{seen[run['label']]}"
+    merged: dict[str, dict] = {}
+    for run in runs:
+        into = merged.setdefault(run["label"], {**run, "sources": {}, **dict.fromkeys(KINDS)})
+        if into["path"] != run["path"]:
+            into["path"] = f"{into['path']}, {run['path']}"
+        for kind in KINDS:
+            if run[kind] is None:
+                continue
+            if into[kind] is not None:
+                raise ValueError(f"two runs labelled {run['label']} hold {FILES[kind]} ({into['sources'][kind]}, "
+                                 f"{run['sources'][kind]}); give them different --labels")
+            into[kind], into["sources"][kind] = run[kind], run["sources"][kind]
+        into["model"] = into["model"] or run["model"]
+    for run in merged.values():
+        from_checkpoint = (run["checkpoint"] or {}).pop("perplexity", None)
+        run["perplexity"] = run["perplexity"] or from_checkpoint
+    return list(merged.values())
 
 
 def _keys(maps) -> list[str]:
@@ -215,8 +235,9 @@ def _keys(maps) -> list[str]:
 
 
 def compare(runs: list[dict]) -> dict:
-    """The comparison of loaded runs (`load_run`): one JSON-ready dict, values by run label."""
-    _unique(runs)
+    """The comparison of loaded runs (`load_run`, merged by `merge_runs`): one JSON-ready dict,
+    values by run label."""
+    runs = merge_runs(runs)
     out: dict = {"runs": [{k: r[k] for k in ("label", "path", "model", "sources")} for r in runs],
                  "code": {}, "perplexity": None, "efficiency": None, "layer_errors": {}, "omitted": []}
     for task in dict.fromkeys(r["code"]["task"] for r in runs if r["code"]):

@@ -59,10 +59,10 @@ def layer_error(run: str, i: int) -> float:
     return (0.01 if run == "w8a8" else 0.1) * (1 + i) / (1 + i % 2)  # not sorted: order must be kept
 
 
-def checkpoint_meta(run: str, complete: bool = True) -> dict:
+def checkpoint_meta(run: str, complete: bool = True, ppl_scale: float = 1.0) -> dict:
     rows = [{"layer": layer, "relative_output_error": layer_error(run, i)} for i, layer in enumerate(LAYERS)]
     report = {"recipe": f"{run}-recipe", "worst_layers": sorted(rows, key=lambda r: -r["relative_output_error"])[:5],
-              "quantized": {name: {"ppl": v, "tokens": 20480} for name, v in PPL[run].items()}}
+              "quantized": {name: {"ppl": v * ppl_scale, "tokens": 20480} for name, v in PPL[run].items()}}
     if complete:
         report["linear_errors"] = rows
     return {"format_version": 1, "source": {"name": "smollm2"}, "recipe": {"name": "x"}, "linears": {},
@@ -86,8 +86,8 @@ def runs(tmp_path):
         write(folders[run], "eval.json", {"model": {"name": f"model-{run}"}, "perplexity": {
             name: {"ppl": v, "tokens": 20480, "seconds": 1.0} for name, v in PPL[run].items()}})
         write(folders[run], "efficiency.json", efficiency(run))
-    for run in ("w8a8", "w4a8"):
-        write(folders[run], "qnpu.json", checkpoint_meta(run))
+    write(folders["w8a8"], "qnpu.json", checkpoint_meta("w8a8", ppl_scale=2.0))  # eval.json's numbers win
+    write(folders["w4a8"], "qnpu.json", checkpoint_meta("w4a8"))
     return folders
 
 
@@ -211,6 +211,36 @@ def test_partial_data_leaves_sections_out_and_says_so(runs, tmp_path):
     assert "## Efficiency" not in md and "## Perplexity" not in md and "## Not in these runs" in md
     assert "no run holds an efficiency.json" in md
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p["file"] for p in data["plots"])
+
+
+def test_runs_labelled_alike_are_one_model_from_several_folders(tmp_path):
+    """As examples/cot_table.py passes them: each setting's code and efficiency folders, one label."""
+    for run in ("fp", "w8a8"):
+        write(tmp_path / f"code-{run}", "summary.json", code_summary(run))
+        write(tmp_path / f"efficiency-{run}", "efficiency.json", efficiency(run))
+    write(tmp_path / "ckpt", "qnpu.json", checkpoint_meta("w8a8"))
+    folders = [tmp_path / name for name in ("code-fp", "efficiency-fp", "code-w8a8", "efficiency-w8a8", "ckpt")]
+    code, stdout, err = run_cli(["report", *map(str, folders), "--labels", "fp,fp,w8a8,w8a8,w8a8", "--output",
+                                 str(tmp_path / "r"), "--json"])
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert [(r["label"], sorted(r["sources"])) for r in data["runs"]] == [
+        ("fp", ["code", "efficiency"]), ("w8a8", ["checkpoint", "code", "efficiency"])]
+    assert data["code"]["humaneval"]["pass_at_1"] == {run: dict(zip(MODES, PASS[run])) for run in ("fp", "w8a8")}
+    assert data["efficiency"]["decode_ms_per_token"] == {run: {"b1 x 128 +32": ms} for run, ms in DECODE.items()}
+    assert data["perplexity"]["ppl"] == {"w8a8": PPL["w8a8"]}  # from the checkpoint's quantize report
+    code, _, err = run_cli(["report", str(folders[0]), str(folders[2]), "--labels", "fp,fp", "--output",
+                            str(tmp_path / "r2")])
+    assert code == 2 and "two runs labelled fp hold summary.json" in err
+
+
+def test_folders_of_the_same_name_without_labels_stay_apart(tmp_path):
+    write(tmp_path / "a" / "run", "summary.json", code_summary("fp"))
+    write(tmp_path / "b" / "run", "summary.json", code_summary("w4a8"))
+    code, stdout, err = run_cli(["report", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--output",
+                                 str(tmp_path / "r"), "--json"])
+    assert code == 0, err
+    assert json.loads(stdout)["code"]["humaneval"]["reference_ppl"] == {"run": REF_PPL["fp"], "run-2": REF_PPL["w4a8"]}
 
 
 def test_runs_of_different_tasks_get_a_section_each(tmp_path):

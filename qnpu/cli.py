@@ -5,6 +5,7 @@ Subcommands:
   qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices; with --task
                   humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths)
   qnpu lm-eval    lm-evaluation-harness tasks on a model or a qnpu checkpoint (simulated or lowered)
+  qnpu report     compare runs (eval results, efficiency, checkpoints): comparison.json, report.md, PNGs
   qnpu recipes    the built-in recipes
   qnpu info       versions and which accelerators (CUDA, Ascend NPU via torch_npu) are usable
   qnpu hadamard   whether an order n has a Hadamard matrix here, and how it is built
@@ -152,7 +153,8 @@ def _add_code_eval_arguments(p_e: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, help="sampling seed (default 0)")
     g.add_argument("--max-new-tokens", type=int, help="generation limit per answer (default 512)")
-    g.add_argument("--output", help="results folder (default ./qnpu-out/eval-<task>)")
+    g.add_argument("--output", help="results folder (default ./qnpu-out/eval-<task>); without --task, the folder "
+                   "that gets eval.json (for qnpu report)")
     g.add_argument("--skip-bad", action="store_true", default=None, help="leave out malformed lines of --data "
                    "(reported by line number) instead of stopping")
     g.add_argument("--timeout", type=float, help="seconds each program may run in the sandbox (default 10)")
@@ -162,7 +164,8 @@ def _code_eval_args(args) -> dict:
     """The code-benchmark keyword arguments of `eval_code_job`; refuses them without --task and the
     perplexity options with it."""
     text = args.text is not None or args.text_dir is not None
-    given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None and not (text and k == "skip_bad")]
+    given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None and not (text and k == "skip_bad")
+             and k != "output"]
     if args.task is not None and text:
         raise ValueError(f"--text and --text-dir measure perplexity; run them apart from --task {args.task}")
     if args.task is None:
@@ -342,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
+    p_rep = sub.add_parser("report", help="compare eval results, efficiency runs and checkpoints (FP vs quantized): "
+                           "comparison.json, report.md and PNG plots")
+    p_rep.add_argument("runs", nargs="+", metavar="RUN", help="a qnpu eval --output folder (summary.json, "
+                       "eval.json), an efficiency.json folder or a qnpu checkpoint (per-layer error)")
+    p_rep.add_argument("--output", required=True, help="report folder (new, empty or an earlier report's)")
+    p_rep.add_argument("--labels", default=None, help="comma-separated run labels, one per RUN (default: folder names)")
+    p_rep.add_argument("--json", action="store_true", help="print one JSON object")
     p_b = sub.add_parser("build-kernels", help="compile qnpu's CATLASS kernels for Atlas A2 (needs CANN, a CATLASS "
                          "checkout and torch_npu)")
     p_b.add_argument("--catlass-dir", default=None, help="CATLASS checkout (default: $CATLASS_DIR)")
@@ -400,7 +410,7 @@ def _run(args, output, before) -> int:
             slices = args.slices or ("" if text else "docs,code")
             data = eval_job(model=args.model, slices=tuple(s for s in slices.split(",") if s),
                             eval_tokens=args.eval_tokens, lowered=args.lowered, text=args.text,
-                            text_dir=args.text_dir, skip_bad=bool(args.skip_bad))
+                            text_dir=args.text_dir, skip_bad=bool(args.skip_bad), output=args.output)
             if not args.json:
                 low = data.get("lowered")
                 data = {"model": data["model"]["name"],
@@ -410,7 +420,7 @@ def _run(args, output, before) -> int:
                         **({f"lowered {low['target']} ppl {k}": round(v["ppl"], 4)
                             for k, v in low["perplexity"].items()} if low else {}),
                         **({"lowered schemes": ", ".join(f"{n} {s}" for s, n in low["schemes"].items())}
-                           if low else {})}
+                           if low else {}), **({"results": data["output"]} if "output" in data else {})}
         elif args.command == "lm-eval":
             from qnpu.eval.lm_eval_run import run_lm_eval, summary_lines
 
@@ -427,6 +437,13 @@ def _run(args, output, before) -> int:
                 data = {"output": data["output"], "format": data["format"], "dtype": data["dtype"],
                         "layers": ", ".join(f"{n} {t}" for t, n in data["layer_types"].items()),
                         "size": f"{data['bytes'] / 2**20:.1f} MiB", "time": f"{data['wall_seconds']:.1f} s"}
+        elif args.command == "report":
+            from qnpu.eval.compare_report import report_job
+
+            data = report_job(args.runs, args.output, args.labels)
+            if not args.json:
+                data = {"report": str(Path(data["output"]) / "report.md"), "plots": len(data["plots"]),
+                        **({"omitted": "; ".join(data["omitted"])} if data["omitted"] else {})}
         elif args.command == "build-kernels":
             from qnpu.lowering.ascend.kernels import KernelBuildError, build
 

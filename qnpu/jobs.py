@@ -22,6 +22,7 @@ import torch
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
+from qnpu.eval.compare import EVAL_FILE, results_folder, write_json
 from qnpu.eval.text import read_texts, text_files, text_perplexity
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.lowering.exports import is_export
@@ -274,8 +275,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     t0 = time.perf_counter()
     result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-    report["worst_layers"] = [{"layer": label, "relative_output_error": err}
-                              for label, err in result.worst_linears(5)]
+    report["worst_layers"], report["linear_errors"] = layer_errors(result)
     report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
     report["weight_bytes"] = {"before": before["linear_weights"], **weight_bytes(net)}
     schemes = plan(net, lowered) if lowered is not None else None
@@ -291,6 +291,13 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     report["recipe_dict"] = recipe_to_dict(transform)
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def layer_errors(result) -> tuple[list[dict], list[dict]]:
+    """The five linears with the largest relative output error, and every linear's in model order
+    (``qnpu report`` plots these from a checkpoint's qnpu.json)."""
+    return tuple([{"layer": label, "relative_output_error": err} for label, err in rows]
+                 for rows in (result.worst_linears(5), result.linear_errors()))
 
 
 def lowered_report(net, tokenizer, target: str, schemes: dict, eval_tokens: int | None, progress: bool) -> dict:
@@ -341,8 +348,7 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
         result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
                                     progress=progress)
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-        report["worst_layers"] = [{"layer": label, "relative_output_error": err}
-                                  for label, err in result.worst_linears(5)]
+        report["worst_layers"], report["linear_errors"] = layer_errors(result)
         report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
         report["weight_bytes"] = {**sizes, "note": "decoder-block linears only"}
         report["recipe_dict"] = recipe_to_dict(transform)
@@ -355,11 +361,13 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
 
 def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,
              progress: bool = True, lowered: str | None = None, text: str | None = None,
-             text_dir: str | None = None, skip_bad: bool = False) -> dict:
+             text_dir: str | None = None, skip_bad: bool = False, output: str | None = None) -> dict:
     """Perplexity of a model or a qnpu checkpoint on the evaluation slices; with ``lowered``, also
     that of the checkpoint lowered to integer ops for that target (checked before loading). With
     ``text`` (a file) or ``text_dir`` (its ``*.txt`` files), also the perplexity of that text with
-    the same windows (`qnpu.eval.text`; ``eval_tokens`` then caps each file), read before loading."""
+    the same windows (`qnpu.eval.text`; ``eval_tokens`` then caps each file), read before loading.
+    With ``output`` (a folder, created before loading), the result is also written to its
+    ``eval.json`` (what ``qnpu report`` reads)."""
     if lowered is not None:
         check_target(lowered)
     check_counts(eval_tokens=eval_tokens)
@@ -367,6 +375,7 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
     corpus = skipped = None
     if text is not None or text_dir is not None:
         corpus, skipped = read_texts(text_files(text, text_dir), skip_bad=skip_bad)
+    folder = results_folder(output) if output is not None else None
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
@@ -382,6 +391,9 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
         if corpus is not None:
             out["lowered"]["text"] = text_perplexity(low, tokenizer, corpus, max_tokens=eval_tokens,
                                                      progress=progress, skipped=skipped)
+    if folder is not None:
+        write_json(folder / EVAL_FILE, out)
+        out["output"] = str(folder / EVAL_FILE)
     return out
 
 
@@ -402,14 +414,7 @@ def eval_code_job(*, task: str, model: str | None = None, data: str | None = Non
         raise ValueError(f"--timeout {timeout!r} is invalid; allowed: a number of seconds > 0")
     limits = Limits(timeout_s=float(timeout), cpu_s=max(1, int(timeout)))
     problems, data_info = load_problems(task, data, limit=limit, skip_bad=skip_bad)
-    folder = Path(output if output is not None else Path("qnpu-out") / f"eval-{task}")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
-            from None
+    folder = results_folder(output if output is not None else Path("qnpu-out") / f"eval-{task}")
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")

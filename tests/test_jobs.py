@@ -51,6 +51,10 @@ def test_streamed_job_writes_the_same_model_as_the_in_memory_one(tmp_path):
     assert report["weight_bytes"]["linear_weights"] < report["weight_bytes"]["before"] / 3  # int4 codes
     assert report["model"]["weight_files"] == {"model.safetensors": (tmp_path / "float/model.safetensors").stat().st_size}
     memory = quantize_job(**common, output=str(tmp_path / "memory"), evaluate_baseline=False, evaluate_result=False)
+    for rows in (report["linear_errors"], memory["linear_errors"]):  # every linear, for qnpu report's plot
+        assert [r["layer"] for r in rows] == [f"model.layers.{i}.{n}" for i in range(2) for n in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")]
     streamed, _, _ = load(tmp_path / "streamed")
     in_memory, _, _ = load(tmp_path / "memory")
     ids = calibration_ids(tokenizer, 1, 32, seed=5)

@@ -19,7 +19,7 @@ ALLOWED_QNPU = {
 }
 EXTRA_THIRD_PARTY = {"models": {"transformers", "safetensors", "gguf", "accelerate", "tqdm", "einops"},
                      "testing": {"hypothesis"}, "lowering": {"safetensors", "torch_npu", "transformers"},
-                     "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm", "lm_eval"}}
+                     "transforms": {"einops", "yaml"}, "eval": {"transformers", "tqdm", "lm_eval", "matplotlib"}}
 
 
 def _imports(path: Path) -> set[str]:

@@ -84,8 +84,11 @@ class QuantizeResult:
     data_free: bool = False
     error_sample_tokens: int | None = None
 
+    def linear_errors(self) -> list[tuple[str, float]]:
+        """Every linear's relative output error (full labels), in model order."""
+        return [(b.prefix + n, e) for b in self.blocks for n, e in b.linear_errors.items()]
+
     def worst_linears(self, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` linears (full labels) with the largest relative output error."""
-        found = [(b.prefix + n, e) for b in self.blocks for n, e in b.linear_errors.items()]
-        return sorted(found, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)[:k]
+        return sorted(self.linear_errors(), key=lambda item: -item[1] if item[1] == item[1] else -math.inf)[:k]
 

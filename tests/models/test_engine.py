@@ -97,6 +97,9 @@ def test_w8a8_replaces_every_linear_and_keeps_logits_close():
         assert set(result.blocks[i].qweights) == set(linears)
         assert 0 < result.blocks[i].output_error < 0.05
         assert all(0 < e < 0.05 for e in result.blocks[i].linear_errors.values())
+    in_model = [f"model.layers.{i}.{n}" for i, block in enumerate(model.model.layers)
+                for n, m in block.named_modules() if isinstance(m, QLinear)]
+    assert [label for label, _ in result.linear_errors()] == in_model  # every linear, in model order
     worst = result.worst_linears(5)
     assert len(worst) == 5 and worst[0][1] == max(e for b in result.blocks for e in b.linear_errors.values())
     assert worst[0][0].startswith("model.layers.")

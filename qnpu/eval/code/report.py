@@ -36,6 +36,9 @@ def render(summary: dict, per_mode: dict) -> str:
         lines += ["**Interrupted**: only the finished problems are counted.", ""]
     for warning in summary.get("warnings", []):
         lines += [f"Warning: {warning}", ""]
+    plots = summary["outputs"].get("plots") or []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).name})" for p in plots] + [""]
     lines += ["## Reference solutions (teacher forcing)", "",
               f"Conditional perplexity of the reference solutions given their prompts: **{_num(ref['ppl'])}** "
               f"(token-weighted over {ref['tokens']} tokens of {ref['problems']} problems; "

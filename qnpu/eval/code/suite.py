@@ -124,6 +124,21 @@ def summarize_reference(references: dict) -> dict:
             "per_problem_ppl": distribution([r["ppl"] for r in ok])}
 
 
+def _plots(summary: dict, folder: Path, warnings: list, progress: bool) -> list[str]:
+    """PNGs of pass@1, repetition failures and answer lengths per mode beside report.md; a failure
+    to draw them is a warning (the results are kept)."""
+    try:
+        from qnpu.eval.compare import normalise_code
+        from qnpu.eval.plots import code_plots
+
+        label = (summary["model"] or {}).get("name") or "model"
+        drawn = code_plots(folder, {label: normalise_code(summary, folder / SUMMARY_FILE)["modes"]})
+    except Exception as err:  # noqa: BLE001 - a plotting failure must not lose the results
+        _warn(f"plots not written ({type(err).__name__}: {err})", warnings, progress)
+        return []
+    return [str(folder / d["file"]) for d in drawn]
+
+
 def run_code_eval(model, tokenizer, problems: list[Problem], *, task: str, output: str | os.PathLike,
                   modes: list[str | None], generation: GenerationConfig = GenerationConfig(),
                   limits: Limits = Limits(), model_info: dict | None = None, data_info: dict | None = None,
@@ -166,6 +181,7 @@ def run_code_eval(model, tokenizer, problems: list[Problem], *, task: str, outpu
         interrupted = err
     summary["reference"] = summarize_reference(references)
     summary["modes"] = {name: summarize_mode(rows, generation.n) for name, rows in per_mode.items()}
+    summary["outputs"]["plots"] = _plots(summary, folder, warnings, progress)
     summary["warnings"] = warnings
     summary["interrupted"] = interrupted is not None
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)

@@ -21,6 +21,7 @@ import torch
 
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
+from qnpu.eval.efficiency import EfficiencyGrid, measure_efficiency, model_kind, write_results
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
 from qnpu.eval.text import read_texts, text_files, text_perplexity
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
@@ -385,6 +386,41 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
     return out
 
 
+def results_folder(output: str | None, default: str) -> Path:
+    """The results folder ``output`` (default ``qnpu-out/<default>``), created; a file there is refused."""
+    folder = Path(output if output is not None else Path("qnpu-out") / default)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
+            from None
+    return folder
+
+
+def eval_efficiency_job(*, grid: EfficiencyGrid, model: str | None = None, lowered: str | None = None,
+                        output: str | None = None, progress: bool = True) -> dict:
+    """Prefill latency, decode throughput, peak memory and weight bytes (`qnpu.eval.efficiency`) of a
+    model, a qnpu checkpoint (simulated) or, with ``lowered``, that checkpoint lowered for the target
+    (checked before loading). Writes ``efficiency.json`` and ``efficiency.md`` to ``output`` (default
+    ``qnpu-out/eval-efficiency``); returns ``{"efficiency": ...}`` with their paths under ``outputs``."""
+    if lowered is not None:
+        check_target(lowered)
+    folder = results_folder(output, "eval-efficiency")
+    net, _, source = load(model, progress=progress)
+    grid.check_fits(net)
+    kind = model_kind(net)
+    if lowered is not None:
+        if not plan(net, lowered):
+            raise ValueError(f"--lowered {lowered}: {source['name']} has no quantized linears to lower; give a qnpu "
+                             "checkpoint (qnpu quantize --output DIR)")
+        net, kind = lower(net, lowered), f"lowered:{lowered}"
+    eff = measure_efficiency(net, grid, name=source["name"], kind=kind, progress=progress)
+    eff["outputs"] = write_results(eff, folder)
+    return {"efficiency": eff}
+
+
 def eval_code_job(*, task: str, model: str | None = None, data: str | None = None, limit: int | None = None,
                   cot: str | None = None, samples_per_problem: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int = 0, max_new_tokens: int = 512, output: str | None = None, skip_bad: bool = False,
@@ -402,14 +438,7 @@ def eval_code_job(*, task: str, model: str | None = None, data: str | None = Non
         raise ValueError(f"--timeout {timeout!r} is invalid; allowed: a number of seconds > 0")
     limits = Limits(timeout_s=float(timeout), cpu_s=max(1, int(timeout)))
     problems, data_info = load_problems(task, data, limit=limit, skip_bad=skip_bad)
-    folder = Path(output if output is not None else Path("qnpu-out") / f"eval-{task}")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output {folder} cannot be created ({err.strerror or err}); choose another --output") \
-            from None
+    folder = results_folder(output, f"eval-{task}")
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")

@@ -38,7 +38,7 @@ def weight_bytes(model: nn.Module) -> dict:
       points), a lowered linear its buffers as laid out for its op (int8 ``(K, N)`` or int32 words of
       eight int4 codes, scales, offsets; biases left out), any other linear its float weight;
     * ``linear_float``: the same linears at the model's float width (``in x out x`` element size);
-    * ``total``: parameters and buffers, each storage once (tied embeddings count once). A simulated
+    * ``total``: parameters and buffers, each tensor once (tied embeddings count once). A simulated
       model holds its dequantized float weights, so its total is the float model's."""
     linear = linear_float = 0
     for module in model.modules():
@@ -52,12 +52,8 @@ def weight_bytes(model: nn.Module) -> dict:
             width = torch.empty((), dtype=module.dtype).element_size() if isinstance(
                 getattr(module, "dtype", None), torch.dtype) else 4
             linear_float += module.in_features * module.out_features * width
-    storages: dict[tuple, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        if t.numel():
-            key = (t.device, t.untyped_storage().data_ptr())
-            storages[key] = max(storages.get(key, 0), _nbytes(t))
-    return {"linear": linear, "linear_float": linear_float, "total": sum(storages.values())}
+    total = sum(_nbytes(t) for t in (*model.parameters(), *model.buffers()))  # each shared tensor once
+    return {"linear": linear, "linear_float": linear_float, "total": total}
 
 
 def _status_bytes(field: str) -> int | None:

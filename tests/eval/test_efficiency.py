@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qnpu.eval.efficiency import EfficiencyGrid, greedy_decode, measure_efficiency, parse_sizes
+from qnpu.eval.efficiency import EfficiencyGrid, greedy_decode, measure_efficiency, parse_sizes, synthetic_ids
 from qnpu.eval.footprint import MemoryMeter, weight_bytes
 from qnpu.lowering import lower
 from qnpu.models import load, quantize_model, save_quantized
@@ -26,16 +26,22 @@ BLOCK_LINEARS = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]
 DYNAMIC = QSpec(bits=8, granularity="token", dynamic=True)
 
 
-def fresh():
-    return copy.deepcopy(tiny_llama())
+def fresh(bias: bool = False):
+    """tiny_llama (a copy), or a model of the same shapes with biases on every block linear."""
+    if not bias:
+        return copy.deepcopy(tiny_llama())
+    config = copy.deepcopy(tiny_llama().config)
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
 
 
-def quantize(bits: int, activation=None):
-    """`quantize_model`'s result for tiny_llama with every block linear RTN-quantized to ``bits`` per channel
+def quantize(bits: int, activation=None, bias: bool = False):
+    """`quantize_model`'s result for `fresh` with every block linear RTN-quantized to ``bits`` per channel
     (symmetric), and its recipe."""
     recipe = chain(quant_specs(weight=QSpec(bits=bits), activation=activation), rtn())
     ids = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    return quantize_model(fresh(), recipe, ids, progress=False), recipe
+    return quantize_model(fresh(bias), recipe, ids, progress=False), recipe
 
 
 def checkpoint(bits: int, path, activation=None):
@@ -185,8 +191,11 @@ def test_weight_bytes_of_a_quantized_checkpoint_and_its_lowering(bits, tmp_path)
     assert weight_bytes(low)["total"] < weight_bytes(loaded)["total"]
 
 
-def test_lowered_reference_model_is_measured():
-    low = lower(quantize(8, DYNAMIC)[0].model, "reference")
+@pytest.mark.parametrize("bias", [False, True])
+def test_lowered_reference_model_is_measured(bias):
+    model = quantize(8, DYNAMIC, bias)[0].model
+    assert all(m.bias is not None for m in model.model.layers.modules() if hasattr(m, "qweight")) == bias
+    low = lower(model, "reference")
     out = measure_efficiency(low, grid(batch_sizes=(2,), prompt_lens=(6,)), name="tiny", kind="lowered:reference",
                              progress=False)
     assert out["model"]["kind"] == "lowered:reference"
@@ -221,6 +230,12 @@ def test_accelerator_meter_uses_the_backend_peak(monkeypatch):
     meter.start()
     assert calls[-1] == "reset" and meter.before == 1000
     assert meter.stop() == 5000
+
+
+def test_synthetic_ids_are_seeded_and_within_the_vocabulary():
+    a, b = synthetic_ids(7, 3, 500, 0, "cpu"), synthetic_ids(7, 3, 500, 0, "cpu")
+    assert a.shape == (3, 500) and torch.equal(a, b) and not torch.equal(a, synthetic_ids(7, 3, 500, 1, "cpu"))
+    assert set(a.unique().tolist()) == set(range(7))
 
 
 @pytest.mark.parametrize("text, want", [("1,4", (1, 4)), ("128", (128,)), (" 2, 8 ", (2, 8)), ("4,4,1", (4, 1))])

@@ -9,7 +9,8 @@ qnpu checkpoint and a lowered one, so runs compare side by side.
 Protocol: inputs are synthetic token ids from a seeded generator (uniform over the vocabulary,
 attention mask all ones); each timed point runs ``warmup`` untimed times, then ``repeats`` timed times
 (median, min, max), under ``torch.inference_mode``, with the device synchronised before every clock
-read (`time.perf_counter`). Prefill is one forward pass over the prompt that fills the KV cache and
+read (`time.perf_counter`); peak memory is that of the timed runs (after the warm-up, which pages in
+weights read from a memory-mapped file and makes one-time allocations). Prefill is one forward pass over the prompt that fills the KV cache and
 computes the last position's logits only (as a server does). Decode prefills (untimed), then times
 ``decode_tokens`` greedy steps, each one token per sequence over the cache.
 """
@@ -131,10 +132,13 @@ def greedy_decode(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def timed(run: Callable, *, warmup: int, repeats: int, clock: Callable[[], float], sync: Callable[[], None],
-          setup: Callable = lambda: None) -> list[float]:
-    """Seconds of ``repeats`` calls of ``run(setup())`` after ``warmup`` untimed ones; ``setup`` is never timed."""
+          setup: Callable = lambda: None, after_warmup: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``run(setup())`` after ``warmup`` untimed ones; ``setup`` is never
+    timed; ``after_warmup`` is called between the two."""
     for _ in range(warmup):
         run(setup())
+    sync()
+    after_warmup()
     seconds = []
     for _ in range(repeats):
         state = setup()
@@ -178,14 +182,13 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
             for batch, length in points:
                 bar.set_postfix_str(f"{phase} batch {batch} x {length}")
                 ids = synthetic_ids(vocab, batch, length, grid.seed, device)
-                meter.start()
+                common = dict(warmup=grid.warmup, repeats=grid.repeats, clock=clock, sync=sync,
+                              after_warmup=meter.start)
                 if phase == "prefill":
-                    seconds = timed(lambda _: _prefill(model, ids), warmup=grid.warmup, repeats=grid.repeats,
-                                    clock=clock, sync=sync)
+                    seconds = timed(lambda _: _prefill(model, ids), **common)
                 else:
                     seconds = timed(lambda state: _decode(model, *state, length, grid.decode_tokens),
-                                    setup=lambda: _prefill(model, ids), warmup=grid.warmup, repeats=grid.repeats,
-                                    clock=clock, sync=sync)
+                                    setup=lambda: _prefill(model, ids), **common)
                 peak = meter.stop()
                 peaks.append(peak)
                 if phase == "prefill":

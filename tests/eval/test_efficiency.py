@@ -106,8 +106,25 @@ def test_grid_rows_and_schema_keys():
     json.dumps(out, allow_nan=False)
 
 
-def test_warmup_is_run_but_not_timed_and_clocks_are_read_after_a_sync():
+class LoggedMeter:
+    """Stands in for `MemoryMeter`, logging its window into the fake clock's events."""
+
+    source, note, before = "fake", "", 0
+
+    def __init__(self, events):
+        self.events = events
+
+    def start(self):
+        self.events.append("meter")
+
+    def stop(self):
+        self.events.append("meter")
+        return 1
+
+
+def test_warmup_is_run_but_not_timed_and_clocks_are_read_after_a_sync(monkeypatch):
     clock = FakeClock()
+    monkeypatch.setattr("qnpu.eval.efficiency.MemoryMeter", lambda device: LoggedMeter(clock.events))
     new_tokens, warmup, repeats = 2, 2, 3
     prefill_costs = [5.0] * warmup + [0.003, 0.001, 0.002]
     decode_costs = [7.0, 9.0, 9.0] * warmup  # a warm-up decode: its prefill, then its steps
@@ -125,6 +142,9 @@ def test_warmup_is_run_but_not_timed_and_clocks_are_read_after_a_sync():
     assert clock.events.count("clock") == 2 * 2 * repeats  # start and stop of each timed repeat, nothing else
     reads = [i for i, e in enumerate(clock.events) if e == "clock"]
     assert all(clock.events[i - 1] == "sync" for i in reads)
+    prefill_events = clock.events[:clock.events.index("meter", clock.events.index("meter") + 1) + 1]
+    assert prefill_events == ["forward"] * warmup + ["sync", "meter"] + ["sync", "clock", "forward", "sync", "clock"] \
+        * repeats + ["meter"]  # memory of the timed runs, after the warm-up
     assert [c["keep"] for c in model.calls[:warmup + repeats]] == [1] * (warmup + repeats)  # last logits only
 
 

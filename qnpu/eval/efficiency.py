@@ -175,7 +175,7 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
     meter = MemoryMeter(device)
     vocab = model.config.vocab_size
     points = [(b, n) for b in grid.batch_sizes for n in grid.prompt_lens]
-    prefill, decode, peaks = [], [], []
+    prefill, decode, peaks, absolute = [], [], [], []
     bar = tqdm(total=2 * len(points), desc="efficiency", disable=not progress, leave=False)
     with torch.inference_mode():
         for phase in ("prefill", "decode"):
@@ -191,6 +191,7 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
                                     setup=lambda: _prefill(model, ids), **common)
                 peak = meter.stop()
                 peaks.append(peak)
+                absolute.append(meter.absolute)
                 if phase == "prefill":
                     ms = _stats_ms(seconds)
                     prefill.append({"batch": batch, "prompt_len": length, "median_ms": ms["median"],
@@ -205,15 +206,18 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
                                    "tokens_per_s": batch / (ms["median"] / 1000.0), "peak_memory_bytes": peak})
                 bar.update()
     bar.close()
-    known = [p for p in peaks if p is not None]
     return {"device": str(device), "dtype": str(first.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "model": {"name": name, "kind": kind},
             "weight_bytes": weight_bytes(model), "warmup": grid.warmup, "repeats": grid.repeats, "seed": grid.seed,
             "prefill_logits": "last position" if _last_logits_only(model) else "all positions",
             "prefill": prefill, "decode": decode,
-            "peak_memory_bytes": max(known) if len(known) == len(peaks) else None,
+            "peak_memory_bytes": _max_known(peaks), "peak_memory_absolute_bytes": _max_known(absolute),
             "peak_memory_source": meter.source, "peak_memory_note": meter.note,
             "memory_before_bytes": meter.before}
+
+
+def _max_known(values: list) -> int | None:
+    return None if not values or None in values else max(values)
 
 
 def _mib(n: int | None) -> str:
@@ -228,7 +232,8 @@ def render_markdown(eff: dict) -> str:
              f"{eff['warmup']}, repeats {eff['repeats']} (median, min-max)", "",
              f"weights: linear {_mib(wb['linear'])} MiB (float {_mib(wb.get('linear_float'))} MiB), "
              f"parameters + buffers {_mib(wb['total'])} MiB; peak memory {_mib(eff['peak_memory_bytes'])} MiB "
-             f"({eff['peak_memory_source']}: {eff.get('peak_memory_note', '')})", "",
+             f"({eff['peak_memory_source']}: {eff.get('peak_memory_note', '')}; at its peak "
+             f"{_mib(eff.get('peak_memory_absolute_bytes'))} MiB in all)", "",
              "| batch | prompt | prefill ms | min-max | prefill tok/s | decode ms/token | decode tok/s | peak MiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     decode = {(r["batch"], r["prompt_len"]): r for r in eff["decode"]}

@@ -90,7 +90,8 @@ class MemoryMeter:
       allocator's peak since `start` reset it: everything allocated on the device, weights included;
       ``before`` is what was allocated at `start`.
     * CPU (``"rss"``): the process's peak resident set during the window minus its RSS at `start`
-      (``before``): what the window added (activations, KV cache), weights excluded. On Linux the peak
+      (``before``): what the window added (activations, KV cache), weights excluded; ``absolute`` is the
+      peak itself (the process as a whole: weights, interpreter, libraries). On Linux the peak
       is reset at `start` (``/proc/self/clear_refs``); elsewhere the lifetime peak (``ru_maxrss``) only
       tells when the window raised it, else the peak is unknown (None). Memory an earlier window freed
       but the allocator kept is not counted again."""
@@ -102,6 +103,7 @@ class MemoryMeter:
         self.backend = backend if backend is not None and hasattr(backend, "max_memory_allocated") else None
         self.source = f"{kind}.max_memory_allocated" if self.backend is not None else "rss"
         self.before: int | None = None
+        self.absolute: int | None = None  # the window's peak itself (RSS: weights and all included)
         self._reset = False
         self._maxrss = 0
 
@@ -127,9 +129,12 @@ class MemoryMeter:
     def stop(self) -> int | None:
         if self.backend is not None:
             self.backend.synchronize(self.device)
-            return int(self.backend.max_memory_allocated(self.device))
+            self.absolute = int(self.backend.max_memory_allocated(self.device))
+            return self.absolute
         if self._reset:
             peak = _status_bytes("VmHWM")
+            self.absolute = peak
             return None if peak is None else max(0, peak - self.before)
         after = _maxrss_bytes()
+        self.absolute = after if after > self._maxrss else None
         return after - self.before if after > self._maxrss else None

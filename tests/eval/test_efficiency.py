@@ -94,6 +94,8 @@ def test_grid_rows_and_schema_keys():
     assert out["device"] == "cpu" and out["dtype"] == "float32" and out["threads"] == torch.get_num_threads()
     assert out["torch"] == torch.__version__ and out["model"] == {"name": "tiny", "kind": "float"}
     assert (out["warmup"], out["repeats"]) == (0, 1) and out["peak_memory_source"] == "rss"
+    assert out["peak_memory_absolute_bytes"] >= out["peak_memory_bytes"] == max(
+        r["peak_memory_bytes"] for r in out["prefill"] + out["decode"])
     assert [(r["batch"], r["prompt_len"]) for r in out["prefill"]] == [(1, 4), (1, 8), (2, 4), (2, 8)]
     assert [(r["batch"], r["prompt_len"], r["new_tokens"]) for r in out["decode"]] == \
         [(1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 8, 3)]
@@ -109,7 +111,7 @@ def test_grid_rows_and_schema_keys():
 class LoggedMeter:
     """Stands in for `MemoryMeter`, logging its window into the fake clock's events."""
 
-    source, note, before = "fake", "", 0
+    source, note, before, absolute = "fake", "", 0, 1
 
     def __init__(self, events):
         self.events = events
@@ -236,6 +238,7 @@ def test_rss_meter_reports_each_window_peak_not_an_earlier_one():
     second = meter.stop()
     assert first is not None and first >= 60 * 2**20
     assert second is not None and second < 40 * 2**20
+    assert meter.absolute == meter.before + second  # the process's peak itself
 
 
 def test_accelerator_meter_uses_the_backend_peak(monkeypatch):
@@ -249,7 +252,7 @@ def test_accelerator_meter_uses_the_backend_peak(monkeypatch):
     assert meter.source == "cuda.max_memory_allocated"
     meter.start()
     assert calls[-1] == "reset" and meter.before == 1000
-    assert meter.stop() == 5000
+    assert meter.stop() == meter.absolute == 5000
 
 
 def test_synthetic_ids_are_seeded_and_within_the_vocabulary():

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from qnpu.eval.footprint import MemoryMeter, weight_bytes
+from qnpu.eval.footprint import MemoryMeter, release_free_memory, weight_bytes
 from qnpu.models.qlinear import QLinear
 
 JSON_FILE, MARKDOWN_FILE = "efficiency.json", "efficiency.md"
@@ -173,6 +173,7 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
     device = first.device
     sync = sync or device_sync(device)
     meter = MemoryMeter(device)
+    trimmed = release_free_memory()
     vocab = model.config.vocab_size
     points = [(b, n) for b in grid.batch_sizes for n in grid.prompt_lens]
     prefill, decode, peaks, absolute = [], [], [], []
@@ -213,7 +214,7 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
             "prefill": prefill, "decode": decode,
             "peak_memory_bytes": _max_known(peaks), "peak_memory_absolute_bytes": _max_known(absolute),
             "peak_memory_source": meter.source, "peak_memory_note": meter.note,
-            "memory_before_bytes": meter.before}
+            "memory_before_bytes": meter.before, "freed_heap_returned_first": trimmed}
 
 
 def _max_known(values: list) -> int | None:

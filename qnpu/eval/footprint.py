@@ -7,6 +7,9 @@ Atlas A2", arXiv:2512.23367: W4A8 saves memory, W8A8 speeds up prefill).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 
@@ -81,6 +84,17 @@ def _reset_rss_peak() -> bool:
 def _maxrss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``), so that a
+    process's RSS reflects what it holds rather than what loading once used; False where unavailable."""
+    gc.collect()
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    try:
+        return bool(name) and bool(ctypes.CDLL(name).malloc_trim(0) is not None)
+    except (OSError, AttributeError):
+        return False
 
 
 class MemoryMeter:

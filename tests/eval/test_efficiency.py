@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qnpu.eval.efficiency import EfficiencyGrid, greedy_decode, measure_efficiency, parse_sizes, synthetic_ids
+from qnpu.eval.efficiency import (EfficiencyGrid, greedy_decode, measure_efficiency, parse_sizes, render_markdown,
+                                  synthetic_ids)
 from qnpu.eval.footprint import MemoryMeter, weight_bytes
 from qnpu.lowering import lower
 from qnpu.models import load, quantize_model, save_quantized
@@ -151,6 +152,16 @@ def test_warmup_is_run_but_not_timed_and_clocks_are_read_after_a_sync(monkeypatc
     assert prefill_events == ["forward"] * warmup + ["sync", "meter"] + ["sync", "clock", "forward", "sync", "clock"] \
         * repeats + ["meter"]  # memory of the timed runs, after the warm-up
     assert [c["keep"] for c in model.calls[:warmup + repeats]] == [1] * (warmup + repeats)  # last logits only
+
+
+def test_a_zero_duration_has_no_rate():
+    clock = FakeClock()
+    model = Recorder(fresh(), clock, [0.0] * 4)
+    out = measure_efficiency(model, grid(decode_tokens=1), name="t", kind="float", progress=False, clock=clock,
+                             sync=clock.sync)
+    assert out["prefill"][0]["tokens_per_s"] is None and out["decode"][0]["tokens_per_s"] is None
+    json.dumps(out, allow_nan=False)
+    assert "| 1 | 4 | 0.00 | 0.00-0.00 | - |" in render_markdown(out)
 
 
 def test_decode_feeds_one_token_per_step_over_the_growing_cache_and_matches_full_recompute():

@@ -91,10 +91,13 @@ def release_free_memory() -> bool:
     process's RSS reflects what it holds rather than what loading once used; False where unavailable."""
     gc.collect()
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    try:
-        return bool(name) and bool(ctypes.CDLL(name).malloc_trim(0) is not None)
-    except (OSError, AttributeError):
+    if not name:
         return False
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return True
 
 
 class MemoryMeter:

@@ -3,7 +3,8 @@
 Subcommands:
   qnpu quantize   quantize a model (default: the embedded SmolLM2-135M with w8a8-dynamic) and report
   qnpu eval       perplexity of a model or a qnpu checkpoint on the evaluation slices; with --task
-                  humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths)
+                  humaneval|mbpp, a code benchmark (pass@k in a sandbox, reference perplexity, lengths);
+                  with --efficiency, prefill latency, decode tokens/s, peak memory and weight bytes
   qnpu lm-eval    lm-evaluation-harness tasks on a model or a qnpu checkpoint (simulated or lowered)
   qnpu report     compare runs (eval results, efficiency, checkpoints): comparison.json, report.md, PNGs
   qnpu recipes    the built-in recipes
@@ -160,12 +161,51 @@ def _add_code_eval_arguments(p_e: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="seconds each program may run in the sandbox (default 10)")
 
 
+EFFICIENCY_OPTIONS = ("batch_sizes", "prompt_lens", "decode_tokens", "warmup", "repeats")
+
+
+def _add_efficiency_arguments(p_e: argparse.ArgumentParser) -> None:
+    g = p_e.add_argument_group("efficiency (--efficiency)")
+    g.add_argument("--efficiency", action="store_true", help="measure prefill latency, decode tokens/s, peak memory "
+                   "and weight bytes on synthetic prompts (writes efficiency.json and efficiency.md to --output, "
+                   "default ./qnpu-out/eval-efficiency)")
+    g.add_argument("--batch-sizes", help="comma-separated batch sizes (default 1,4)")
+    g.add_argument("--prompt-lens", help="comma-separated prompt lengths in tokens (default 128,512)")
+    g.add_argument("--decode-tokens", type=int, help="timed greedy decode steps after each prompt (default 32)")
+    g.add_argument("--warmup", type=int, help="untimed runs before each measurement (default 1)")
+    g.add_argument("--repeats", type=int, help="timed runs per measurement: median, min, max (default 3)")
+
+
+def _efficiency(args) -> int:
+    """``qnpu eval --efficiency``: refuses the perplexity and code-benchmark options (but --output)."""
+    from qnpu.eval.efficiency import EfficiencyGrid, parse_sizes, render_markdown
+    from qnpu.jobs import eval_efficiency_job
+
+    for flag in ("task", "slices", "eval_tokens", "text", "text_dir", *CODE_EVAL_DEFAULTS):
+        if flag != "output" and getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --efficiency; run it apart")
+    given = {k: getattr(args, k) for k in EFFICIENCY_OPTIONS if getattr(args, k) is not None}
+    for key in ("batch_sizes", "prompt_lens"):
+        if key in given:
+            given[key] = parse_sizes(given[key], f"--{key.replace('_', '-')}")
+    data = eval_efficiency_job(grid=EfficiencyGrid(**given), model=args.model, lowered=args.lowered,
+                               output=args.output)
+    if args.json:
+        _print_json(data)
+    else:
+        print(render_markdown(data["efficiency"]) + f"\nresults: {data['efficiency']['outputs']['json']}")
+    return 0
+
+
 def _code_eval_args(args) -> dict:
     """The code-benchmark keyword arguments of `eval_code_job`; refuses them without --task and the
     perplexity options with it."""
     text = args.text is not None or args.text_dir is not None
     given = [k for k in CODE_EVAL_DEFAULTS if getattr(args, k) is not None and not (text and k == "skip_bad")
              and k != "output"]
+    efficiency = [k for k in EFFICIENCY_OPTIONS if getattr(args, k) is not None]
+    if efficiency:
+        raise ValueError(f"--{efficiency[0].replace('_', '-')} applies to efficiency measurement; add --efficiency")
     if args.task is not None and text:
         raise ValueError(f"--text and --text-dir measure perplexity; run them apart from --task {args.task}")
     if args.task is None:
@@ -333,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "add_bos_token, prefix_token_id, softmax_dtype, logits_cache, truncation, max_batch_size")
     p_l.add_argument("--output", default=None, help="results folder (default ./qnpu-out/lm-eval)")
     p_l.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_efficiency_arguments(p_e)
     p_x = sub.add_parser("export", help="export a qnpu checkpoint for a serving stack (AscendV1: vllm-ascend, MindIE; "
                          "compressed-tensors: vLLM, transformers)")
     p_x.add_argument("checkpoint", help="qnpu checkpoint folder (from qnpu quantize)")
@@ -396,6 +437,8 @@ def _run(args, output, before) -> int:
                                   lowered=args.lowered, overwrite_any=args.overwrite_any)
             _print_json(report) if args.json else _print_report(report)
             return 0
+        if args.command == "eval" and args.efficiency:
+            return _efficiency(args)
         if args.command == "eval" and args.task is not None:
             from qnpu.jobs import eval_code_job
 

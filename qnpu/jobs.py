@@ -21,6 +21,7 @@ import torch
 
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
+from qnpu.eval.efficiency import EfficiencyGrid, measure_efficiency, model_kind, write_results
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
 from qnpu.eval.compare import EVAL_FILE, results_folder, write_json
 from qnpu.eval.text import read_texts, text_files, text_perplexity
@@ -395,6 +396,28 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
         write_json(folder / EVAL_FILE, out)
         out["output"] = str(folder / EVAL_FILE)
     return out
+
+
+def eval_efficiency_job(*, grid: EfficiencyGrid, model: str | None = None, lowered: str | None = None,
+                        output: str | None = None, progress: bool = True) -> dict:
+    """Prefill latency, decode throughput, peak memory and weight bytes (`qnpu.eval.efficiency`) of a
+    model, a qnpu checkpoint (simulated) or, with ``lowered``, that checkpoint lowered for the target
+    (checked before loading). Writes ``efficiency.json`` and ``efficiency.md`` to ``output`` (default
+    ``qnpu-out/eval-efficiency``); returns ``{"efficiency": ...}`` with their paths under ``outputs``."""
+    if lowered is not None:
+        check_target(lowered)
+    folder = results_folder(output if output is not None else Path("qnpu-out") / "eval-efficiency")
+    net, _, source = load(model, progress=progress)
+    grid.check_fits(net)
+    kind = model_kind(net)
+    if lowered is not None:
+        if not plan(net, lowered):
+            raise ValueError(f"--lowered {lowered}: {source['name']} has no quantized linears to lower; give a qnpu "
+                             "checkpoint (qnpu quantize --output DIR)")
+        net, kind = lower(net, lowered), f"lowered:{lowered}"
+    eff = measure_efficiency(net, grid, name=source["name"], kind=kind, progress=progress)
+    eff["outputs"] = write_results(eff, folder)
+    return {"efficiency": eff}
 
 
 def eval_code_job(*, task: str, model: str | None = None, data: str | None = None, limit: int | None = None,

@@ -113,6 +113,10 @@ def _print_report(report: dict) -> None:
         if base is not None or quant is not None:
             delta = f"  ({100 * (quant / base - 1):+.2f}%)" if base and quant else ""
             print(f"ppl {name:<5}{'' if base is None else f'{base:9.3f}'} -> {'' if quant is None else f'{quant:.3f}'}{delta}")
+    hits = {k: e["key"] for k, e in report.get("baseline_cache", {}).get("entries", {}).items() if e["hit"]}
+    if hits:
+        print(f"baseline from cache {report['baseline_cache']['dir']} ("
+              + ", ".join(f"{k} key {v[:16]}" for k, v in hits.items()) + "; --no-cache measures it)")
     wb = report["weight_bytes"]
     print(f"weights  linear layers {wb['before'] / 2**20:.1f} MiB -> {wb['linear_weights'] / 2**20:.1f} MiB")
     print(f"time     quantize {report['quantize_seconds']:.1f} s, total {report['wall_seconds']:.1f} s")
@@ -341,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--overwrite-any", action="store_true", help=OVERWRITE_ANY_HELP)
     p_q.add_argument("--eval-tokens", type=int, default=None, help="evaluation tokens per slice (default 20480)")
     p_q.add_argument("--no-eval", action="store_true", help="skip the baseline and quantized perplexity")
+    p_q.add_argument("--no-cache", action="store_true", help="measure the baseline perplexity even when an earlier "
+                     "run cached it for this model, slice and tokens (and do not cache it)")
     p_q.add_argument("--stream", action="store_true",
                      help="read a Hugging Face folder block by block and write each block straight into the "
                           "checkpoint: memory stays about one block plus activations (no perplexity)")
@@ -434,7 +440,8 @@ def _run(args, output, before) -> int:
                                   output=args.output, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
                                   progress=True, batch_size=args.batch_size, stream=args.stream,
-                                  lowered=args.lowered, overwrite_any=args.overwrite_any)
+                                  lowered=args.lowered, overwrite_any=args.overwrite_any,
+                                  baseline_cache=not args.no_cache)
             _print_json(report) if args.json else _print_report(report)
             return 0
         if args.command == "eval" and args.efficiency:

@@ -21,6 +21,7 @@ import torch
 
 from qnpu.data import slice_names
 from qnpu.eval import WINDOW, perplexity, tokenize_slice
+from qnpu.eval.baseline_cache import cached_baseline, model_identity
 from qnpu.eval.efficiency import EfficiencyGrid, measure_efficiency, model_kind, write_results
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
 from qnpu.eval.compare import EVAL_FILE, results_folder, write_json
@@ -233,9 +234,12 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
                  batch_size: int = 8, stream: bool = False, lowered: str | None = None,
-                 overwrite_any: bool = False) -> dict:
+                 overwrite_any: bool = False, baseline_cache: bool = True) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error.
+
+    The baseline perplexity comes from `qnpu.eval.baseline_cache` when an earlier run measured it on
+    the same model, slice and tokens (``baseline_cache=False``: measured, and not stored).
 
     ``stream=True`` never holds the whole model: blocks are read one at a time from the folder's
     safetensors (`quantize_from_disk`) and written straight into the checkpoint at ``output``;
@@ -271,7 +275,8 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     report: dict = {"model": source, "recipe": recipe, "group_size": group_size, "calibration":
                     {"samples": samples, "seq_len": seq_len, "seed": seed}, "device": device}
     if evaluate_baseline:
-        report["baseline"] = evaluate(net, tokenizer, n_tokens=eval_tokens, progress=progress)
+        report["baseline"], report["baseline_cache"] = cached_baseline(
+            net, tokenizer, model_identity(model), EVAL_SLICES, eval_tokens, use_cache=baseline_cache, progress=progress)
     before = weight_bytes(net)
     t0 = time.perf_counter()
     result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size)

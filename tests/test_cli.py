@@ -87,3 +87,11 @@ def test_families_lists_every_table(capsys):
     assert data["qwen3"]["qk_norms"] == ["self_attn.q_norm", "self_attn.k_norm"]
     assert main(["families"]) == 0
     assert "smoothing pairs  input_layernorm -> self_attn.q_proj" in capsys.readouterr().out
+
+
+def test_a_default_output_lands_in_the_test_folder_not_where_pytest_started(capsys, tmp_path_factory):
+    from pathlib import Path
+
+    assert Path.cwd().is_relative_to(tmp_path_factory.getbasetemp()) and not any(Path.cwd().iterdir())
+    Path("qnpu-out").mkdir()  # what the README's main job leaves: the default --output exists
+    assert main(["quantize", "--no-eval"]) == 2 and "qnpu-out exists" in capsys.readouterr().err

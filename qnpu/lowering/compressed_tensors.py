@@ -108,6 +108,9 @@ def _args(num_bits: int, *, symmetric: bool, strategy: str, group_size: int | No
 def layer_state(label: str, m, scheme: str, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, group)`` of quantized linear ``m``: its compressed tensors (no bias) and scheme dict."""
     q = m.qweight
+    if q.zero_point is not None and q.spec.zero_point_domain == "float":
+        raise ValueError(f"{label}: compressed-tensors stores integer zero points; this layer's are floating "
+                         "(zero_point_domain='float'): export it as ascend-v1, or quantize with integer zero points")
     scale, zp, group = _weight_rows(q)
     codes = q.codes.to(torch.int32)
     out, k = codes.shape

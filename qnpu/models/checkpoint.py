@@ -224,8 +224,8 @@ class Checkpoint:
         if lacking:
             raise damaged(where, f"quantized linear {label}: the checkpoint lacks {', '.join(lacking)}")
         zp = t.get(names[2])
-        if zp is not None and zp.numel() and (zp.is_floating_point() or int(zp.min()) < spec.qmin
-                                                or int(zp.max()) > spec.qmax):
+        if zp is not None and zp.numel() and spec.zero_point_domain == "int" and (
+                zp.is_floating_point() or int(zp.min()) < spec.qmin or int(zp.max()) > spec.qmax):
             raise damaged(where, f"quantized linear {label}: zero_point is outside the {spec.bits}-bit "
                                  f"{spec.format} range [{spec.qmin}, {spec.qmax}]")
         try:

@@ -25,12 +25,12 @@ from .packing import (
     unpack_int4,
     unpack_int4_pairs,
 )
-from .qtensor import QTensor, dequantize
+from .qtensor import QTensor, dequantize, zero_point_in_domain
 from .quantize import check_finite, choose_qparams, fake_quantize, fake_quantize_ste, quantize
-from .spec import FORMATS, GRANULARITIES, QSpec
+from .spec import FORMATS, GRANULARITIES, ZERO_POINT_DOMAINS, QSpec
 
 __all__ = [
-    "FORMATS", "GRANULARITIES", "QSpec", "QTensor",
+    "FORMATS", "GRANULARITIES", "ZERO_POINT_DOMAINS", "QSpec", "QTensor", "zero_point_in_domain",
     "check_finite", "choose_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_ste",
     "qparams_shape",
     "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "pack_int2", "unpack_int2",

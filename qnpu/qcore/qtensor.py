@@ -37,6 +37,9 @@ class QTensor:
                              f"{self.spec.granularity} quantization of {tuple(self.codes.shape)} needs {want}")
         if self.zero_point is not None and tuple(self.zero_point.shape) != want:
             raise ValueError(f"QTensor: zero_point has shape {tuple(self.zero_point.shape)}; needs {want}")
+        if self.zero_point is not None:
+            object.__setattr__(self, "zero_point", zero_point_in_domain(self.zero_point, self.spec, self.scale.dtype,
+                                                                         "QTensor: zero_point"))
         spec = self.spec
         if self.codes.numel() and not self.codes.is_meta:
             lo, hi = int(self.codes.min()), int(self.codes.max())
@@ -52,14 +55,42 @@ class QTensor:
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes of a dense bit-packed encoding: codes at ``spec.bits`` each plus fp32 scales (and int8 zero points)."""
-        n_params = self.scale.numel()
-        zp = n_params if self.zero_point is not None else 0
-        return (self.codes.numel() * self.spec.bits + 7) // 8 + 4 * n_params + zp
+        """Bytes of a dense bit-packed encoding: the codes at ``spec.bits`` bits each, rounded up to whole
+        bytes, plus the scales in their dtype, plus the zero points (``"int"`` domain: one byte each,
+        as they lie in ``[qmin, qmax]`` of at most 8 bits; ``"float"``: in their dtype)."""
+        codes = (self.codes.numel() * self.spec.bits + 7) // 8
+        scales = self.scale.numel() * self.scale.element_size()
+        if self.zero_point is None:
+            return codes + scales
+        per = 1 if self.spec.zero_point_domain == "int" else self.zero_point.element_size()
+        return codes + scales + self.zero_point.numel() * per
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(codes - zero_point) * scale`` in ``dtype`` (default: the dtype that was quantized)."""
         return dequantize(self, dtype)
+
+
+def zero_point_in_domain(zp: torch.Tensor, spec: QSpec, float_dtype: torch.dtype = torch.float32,
+                         name: str = "zero_point") -> torch.Tensor:
+    """``zp`` as ``spec.zero_point_domain`` stores it: int32 for ``"int"`` (a floating ``zp`` only when
+    every value is a whole number: a fraction would be truncated, so it raises ValueError naming
+    ``name``), ``float_dtype`` for ``"float"`` (finite values only)."""
+    zp = torch.as_tensor(zp)
+    if spec.zero_point_domain == "float":
+        zp = zp.to(float_dtype)
+        if zp.numel() and not zp.is_meta and not bool(torch.isfinite(zp).all()):
+            raise ValueError(f"{name} has NaN/Inf values")
+        return zp
+    if zp.is_floating_point():
+        if zp.numel() and not zp.is_meta and not bool((torch.isfinite(zp) & (zp == torch.round(zp))).all()):
+            bad = zp[~(torch.isfinite(zp) & (zp == torch.round(zp)))]
+            raise ValueError(f"{name} holds {bad.numel()} value(s) that are not whole numbers (first "
+                             f"{float(bad.flatten()[0])!r}) but the spec's zero_point_domain is 'int': converting "
+                             "would truncate them; round them explicitly or use zero_point_domain='float'")
+        return zp.to(torch.int32)
+    if zp.is_complex() or zp.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer or float tensor; got {zp.dtype}")
+    return zp
 
 
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

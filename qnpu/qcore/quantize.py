@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from .layout import check_layout, expand, qparams_shape, reduce
-from .qtensor import QTensor, dequantize
+from .qtensor import QTensor, dequantize, zero_point_in_domain
 from .spec import QSpec
 
 Rounding = Literal["nearest", "stochastic"]
@@ -73,7 +73,10 @@ def choose_qparams(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Te
         # hi - lo overflows for ranges wider than the float limit: halve the range first there
         scale = torch.where(torch.isfinite(scale), scale, hi / levels - lo / levels)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero_point = torch.clamp(torch.round(spec.qmin - lo / safe), spec.qmin, spec.qmax).to(torch.int32)
+        if spec.zero_point_domain == "float":
+            zero_point = spec.qmin - lo / safe  # unrounded: lo lands exactly on qmin
+        else:
+            zero_point = torch.clamp(torch.round(spec.qmin - lo / safe), spec.qmin, spec.qmax).to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     _check_grid(xf, spec, scale, zero_point)
     return scale, zero_point
@@ -151,17 +154,22 @@ def quantize(
         if zero_point is None and spec.format == "uint":
             zero_point = torch.tensor(spec.symmetric_zero)
     if zero_point is not None:
-        zero_point = _given_param(zero_point, "zero_point", want, torch.int32)
         if spec.format == "binary":
             raise ValueError("zero_point must be None for format='binary'")
+        zero_point = torch.as_tensor(zero_point)
+        zero_point = _given_param(zero_point_in_domain(zero_point, spec, cdtype), "zero_point", want,
+                                  torch.int32 if spec.zero_point_domain == "int" else cdtype)
     xf = x.detach().to(cdtype)
     if spec.format == "binary":
         codes = torch.where(xf >= 0, 1, -1).to(torch.int8)
         return QTensor(codes, scale, None, spec, x.dtype)
     v = xf / expand(scale, x.shape, spec)
-    v = _round(v, rounding, generator)
-    if zero_point is not None:
-        v = v + expand(zero_point, x.shape, spec)
+    if zero_point is not None and spec.zero_point_domain == "float":
+        v = _round(v + expand(zero_point, x.shape, spec), rounding, generator)  # nearest code to x/s + z
+    else:
+        v = _round(v, rounding, generator)
+        if zero_point is not None:
+            v = v + expand(zero_point, x.shape, spec)
     codes = torch.clamp(v, spec.qmin, spec.qmax).to(_code_dtype(spec))
     return QTensor(codes, scale, zero_point, spec, x.dtype)
 

@@ -23,6 +23,15 @@ from ``absmax``; asymmetric specs take scale and an integer zero point from ``mi
 ``full_range=False`` (default, what the Ascend int8 ops use: ``scale = amax / 127``) maps
 ``absmax`` to ``2^(b-1) - 1``; ``full_range=True`` maps it to ``2^(b-1) - 1/2`` so that the
 most negative code is used too (GPTQ-style symmetric grids).
+
+Zero-point domain (``zero_point_domain``, asymmetric specs only)
+    ``"int"``    (default) an integer zero point in ``[qmin, qmax]``: ``x ~= (q - z) s`` with ``z``
+                 an integer, as in int8/uint8 kernels and compressed-tensors; a float zero point
+                 with a fraction is refused, never truncated.
+    ``"float"``  a floating zero point, kept unrounded: ``z = qmin - lo / s`` maps ``lo`` exactly
+                 onto ``qmin``. Ascend's weight-only matmul takes its offset this way
+                 (``npu_weight_quant_batchmatmul``: ``w = (q + antiquant_offset) * antiquant_scale``
+                 with ``antiquant_offset = -z`` in the activation dtype; torch_npu 2.13.0 docs).
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from typing import Literal
 
 FORMATS = ("int", "uint", "binary")
 GRANULARITIES = ("tensor", "channel", "group", "token")
+ZERO_POINT_DOMAINS = ("int", "float")
 
 Format = Literal["int", "uint", "binary"]
 Granularity = Literal["tensor", "channel", "group", "token"]
@@ -59,6 +69,7 @@ class QSpec:
     dynamic: bool = False
     clip_ratio: float = 1.0
     full_range: bool = False
+    zero_point_domain: Literal["int", "float"] = "int"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -95,6 +106,11 @@ class QSpec:
                   "side of zero); use format='binary' or symmetric=False")
         if self.full_range and not self.symmetric:
             _fail("full_range", True, "False when symmetric=False (asymmetric grids already use every code)")
+        if self.zero_point_domain not in ZERO_POINT_DOMAINS:
+            _fail("zero_point_domain", self.zero_point_domain, " | ".join(ZERO_POINT_DOMAINS))
+        if self.zero_point_domain == "float" and self.symmetric:
+            _fail("zero_point_domain", "float", "'int' when symmetric=True (the zero point is fixed: 0, or 2^(b-1) "
+                  "for uint)")
 
     # -- derived integer range -------------------------------------------------------------
     @property
@@ -127,8 +143,12 @@ class QSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """Plain-dict form (JSON/YAML friendly); ``QSpec.from_dict`` is its exact inverse."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (JSON/YAML friendly); ``QSpec.from_dict`` is its exact inverse. The default
+        ``zero_point_domain="int"`` is left out, so files written before the field existed read the same."""
+        out = dataclasses.asdict(self)
+        if out["zero_point_domain"] == "int":
+            del out["zero_point_domain"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "QSpec":

@@ -1,10 +1,12 @@
 """Assertion helpers that state the algebra of quantization, with readable failure messages."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qnpu.qcore import QTensor, dequantize, quantize, relative_output_error, sqnr_db
-from qnpu.qcore.layout import expand
+from qnpu.qcore.layout import expand, reduce
 
 
 def _where(mask: torch.Tensor) -> str:
@@ -76,3 +78,43 @@ def assert_relative_output_error_at_most(x: torch.Tensor, w: torch.Tensor, w_hat
     """``||X W^T - X W_hat^T|| / ||X W^T|| <= bound``."""
     got = relative_output_error(x, w, w_hat)
     assert got <= bound, f"relative output error {got:.4g} > bound {bound:.4g}"
+
+
+def assert_grid_fits(x: torch.Tensor, q: QTensor, *, rtol: float | None = None) -> None:
+    """The grid spans each slice the way ``q.spec`` says (absmax if symmetric, min/max otherwise, both
+    times ``clip_ratio``), which `assert_error_within_step` cannot see (it allows clipping, and a
+    scale 2x too large still keeps the error within half of its own step):
+
+    * covers: every ``clip_ratio * x`` lies within half a step of the representable range
+      ``[(qmin - z) s, (qmax - z) s]``; a scale too small, or a zero point that shifts the range,
+      clips values the spec keeps;
+    * tight: every slice that is not all zeros reaches the end of its grid (symmetric:
+      ``max |code - z| >= floor(levels)``, see `QSpec.symmetric_levels`; asymmetric: a code at
+      ``qmin`` or ``qmax``); a scale larger than the slice needs leaves codes unused.
+
+    For a quantizer that chooses its own clipping (MSE or percentile scale search) use
+    `assert_error_within_step` alone. Binary specs have no uniform grid (ValueError).
+    """
+    spec = q.spec
+    if spec.format == "binary":
+        raise ValueError("assert_grid_fits applies to uniform formats; binary codes have no grid")
+    s = expand(q.scale, x.shape, spec).double()
+    z = torch.zeros_like(s) if q.zero_point is None else expand(q.zero_point, x.shape, spec).double()
+    y = x.double() * float(spec.clip_ratio)
+    if rtol is None:
+        rtol = 8 * torch.finfo(q.scale.dtype).eps
+    outside = torch.clamp((spec.qmin - z) * s - y, min=0) + torch.clamp(y - (spec.qmax - z) * s, min=0)
+    bad = outside > 0.5 * s + rtol * (y.abs() + s)
+    assert not bool(bad.any()), (
+        f"values the spec keeps fall more than half a step outside the grid (scale too small or zero point "
+        f"off): {_where(bad)}; max {float((outside / s).max()):.3g} steps outside; spec={spec}")
+    codes = q.codes.double()
+    used = reduce(x.double(), spec, "absmax") > 0
+    if spec.symmetric:
+        reach = reduce(codes - z, spec, "absmax") >= math.floor(spec.symmetric_levels)
+    else:
+        reach = (reduce(codes, spec, "amax") >= spec.qmax) | (reduce(codes, spec, "amin") <= spec.qmin)
+    short = used & ~reach
+    assert not bool(short.any()), (
+        f"slices whose codes never reach the end of the grid (scale too large): {_where(short)} of the "
+        f"scale's {tuple(short.shape)}; spec={spec}")

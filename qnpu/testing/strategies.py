@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from hypothesis import example
 import hypothesis.strategies as st
 import torch
 
@@ -120,13 +121,56 @@ def qspecs(draw, *, bits=st.integers(1, 8), formats=("int", "uint"),
     )
 
 
+# Specs where off-by-one grids show (half of the default draws, so that a 25-example profile meets
+# them): int4 whose absmax lands on 7.5 (round-half-even gives 8, clamped to 7), clipped int4, uint4
+# groups with zero points, symmetric uint3 (zero point 4), per-token int8, int2.
+EDGE_SPECS = (
+    QSpec(bits=4, full_range=True, granularity="group", group_size=8, axis=-1),
+    QSpec(bits=4, clip_ratio=0.75),
+    QSpec(bits=4, format="uint", symmetric=False, granularity="group", group_size=4, axis=-1),
+    QSpec(bits=3, format="uint"),
+    QSpec(bits=8, granularity="token", dynamic=True),
+    QSpec(bits=2, symmetric=False, granularity="tensor"),
+)
+
+
 @st.composite
 def quantization_cases(draw, specs=None, *, max_rows: int = 24, max_groups: int = 6, **tensor_kwargs):
-    """``(x, spec)`` pairs where ``x`` is 2-d and its shape fits ``spec`` (group sizes divide the row)."""
-    spec = draw(specs if specs is not None else qspecs())
+    """``(x, spec)`` pairs where ``x`` is 2-d and its shape fits ``spec`` (group sizes divide the row).
+
+    Without ``specs``, half of the specs come from ``EDGE_SPECS`` and half from `qspecs`."""
+    spec = draw(specs if specs is not None else st.one_of(st.sampled_from(EDGE_SPECS), qspecs()))
     rows = draw(st.integers(1, max_rows))
     if spec.granularity == "group":
         cols = spec.group_size * draw(st.integers(1, max_groups))
     else:
         cols = draw(st.integers(1, 64))
     return draw(tensors((rows, cols), **tensor_kwargs)), spec
+
+
+def edge_cases() -> list[tuple[torch.Tensor, QSpec]]:
+    """Fixed ``(x, spec)`` cases on which off-by-one grids show, whatever a profile draws: full-range
+    int4 groups of absmax 7.5 (scale exactly 1) whose absmax is positive (+7.5 rounds half-to-even to
+    8, which must be clamped to 7) and negative (-7.5 gives -8), clipped int4, uint4 groups that are all positive / all negative / mixed, symmetric
+    uint3 (zero point 4), per-token int8 with an outlier, asymmetric int2, and zeros."""
+    ramp = torch.linspace(-1.0, 1.0, 16).reshape(2, 8)
+    return [
+        (torch.tensor([[7.5, -3.75, 2.0, -5.5, 0.5, 1.25, -2.5, 3.0, -7.5, 3.5, -2.25, 5.0, -0.5, -1.0, 2.5, -4.0]]),
+         QSpec(bits=4, full_range=True, granularity="group", group_size=8, axis=-1)),
+        (ramp, QSpec(bits=4, clip_ratio=0.75)),
+        (torch.tensor([[-1.0, 0.0, 0.5, 2.0, 0.1, 0.2, 0.3, 0.4], [-3.0, -2.0, -1.0, -0.5, 0.0, 0.0, 0.0, 0.0]]),
+         QSpec(bits=4, format="uint", symmetric=False, granularity="group", group_size=4, axis=-1)),
+        (torch.tensor([[-1.0, 0.5, 0.25], [0.3, -0.2, 1.0]]), QSpec(bits=3, format="uint")),
+        (torch.tensor([[0.1, -0.2, 30.0, 0.05], [-0.3, 0.2, -0.1, 0.0]]),
+         QSpec(bits=8, granularity="token", dynamic=True)),
+        (ramp * 3 + 1, QSpec(bits=2, symmetric=False, granularity="tensor")),
+        (torch.zeros(2, 8), QSpec(bits=4)),
+    ]
+
+
+def with_edge_cases(test):
+    """Add `edge_cases` as explicit examples of a ``@given(quantization_cases())`` test: every
+    profile runs them (before its random draws), so a bug they expose never depends on the draw."""
+    for case in edge_cases():
+        test = example(case)(test)
+    return test

@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize
+from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize, zero_point_in_domain
 
 from .base import QTransform, register_transform
 from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable, store
@@ -87,7 +87,7 @@ def _given_qparams(method, label, spec, shape, qparams, cdtype):
     try:
         scale = torch.as_tensor(scale).to(cdtype).expand(want).clone()
         if zero_point is not None:
-            zero_point = torch.as_tensor(zero_point).to(torch.int32).expand(want).clone()
+            zero_point = zero_point_in_domain(zero_point, spec, cdtype, f"{method} {label}: qparams zero_point").expand(want).clone()
     except RuntimeError:
         raise _error(method, label, f"qparams do not broadcast to the natural shape {want}",
                      "pass (scale, zero_point) in the weight spec's qparams shape") from None

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from qnpu.qcore import QSpec, QTensor, choose_qparams
+from qnpu.qcore import QSpec, QTensor, choose_qparams, zero_point_in_domain
 
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
@@ -148,7 +148,7 @@ def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSp
             wb[:, j:] -= err[:, j:j + 1] * ub[j:j + 1, j:]
         w[:, i2:] -= err @ u[i1:i2, i2:]
         code_dtype = torch.uint8 if gspec.format == "uint" else torch.int8
-        groups.append(QTensor(codes.to(code_dtype), scale, None if zp is None else zp.to(torch.int32), gspec,
+        groups.append(QTensor(codes.to(code_dtype), scale, None if zp is None else zero_point_in_domain(zp, gspec), gspec,
                               dtype or w.dtype))
     return tuple(groups)
 

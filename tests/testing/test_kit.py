@@ -62,3 +62,92 @@ def test_assertions_detect_broken_quantizers():
     with pytest.raises(AssertionError, match="relative output error"):
         assert_relative_output_error_at_most(torch.ones(3, 8), x, broken.dequantize(), 0.01)
     assert_requantize_exact(q)
+
+
+# -- the README's property test against quantizers with planted bugs ---------------------------------
+def _readme_property(quantizer):
+    """The README's property test on ``quantizer``, under the ``ci`` profile (25 derandomized examples)."""
+    from hypothesis import settings
+
+    from qnpu.testing import assert_grid_fits, with_edge_cases
+
+    @settings(settings.get_profile("ci"))
+    @given(quantization_cases())
+    @with_edge_cases
+    def check(case):
+        x, spec = case
+        q = quantizer(x, spec)
+        assert_codes_in_range(q)
+        assert_error_within_step(x, q)
+        assert_grid_fits(x, q)
+
+    return check
+
+
+def _rescaled(factor):
+    def quantizer(x, spec):
+        q = quantize(x, spec)
+        return quantize(x, spec, scale=q.scale * factor, zero_point=q.zero_point)
+    return quantizer
+
+
+def _zero_point_shifted(x, spec):
+    q = quantize(x, spec)
+    if q.zero_point is None:
+        return q
+    return quantize(x, spec, scale=q.scale, zero_point=q.zero_point + 1)
+
+
+def _int4_clamped_one_high(x, spec):
+    """Clamps int4 codes to [-8, 8] (its own container: a QTensor refuses a code of +8)."""
+    from types import SimpleNamespace
+
+    from qnpu.qcore.layout import expand
+
+    q = quantize(x, spec)
+    high = spec.qmax + (spec.bits == 4 and spec.format == "int")
+    z = 0 if q.zero_point is None else expand(q.zero_point, x.shape, spec)
+    codes = torch.clamp(torch.round(x.double() / expand(q.scale, x.shape, spec)) + z, spec.qmin, high)
+    return SimpleNamespace(codes=codes.to(torch.int16), scale=q.scale, zero_point=q.zero_point, spec=spec,
+                           dtype=x.dtype)
+
+
+def test_the_readme_property_test_passes_qnpu_quantize():
+    _readme_property(quantize)()
+
+
+@pytest.mark.parametrize("quantizer", [_rescaled(2.0), _rescaled(0.5), _rescaled(1.25), _zero_point_shifted,
+                                       _int4_clamped_one_high],
+                         ids=["scale-2x", "scale-half", "scale-1.25x", "zero-point+1", "int4-code+8"])
+def test_the_readme_property_test_catches_bad_quantizers(quantizer):
+    with pytest.raises((AssertionError, ExceptionGroup)) as info:
+        _readme_property(quantizer)()
+    errors = info.value.exceptions if isinstance(info.value, ExceptionGroup) else [info.value]
+    assert all(isinstance(e, AssertionError) for e in errors), errors
+
+
+def test_the_edge_cases_hold_an_int4_code_at_both_ends():
+    from qnpu.testing import edge_cases
+
+    int4 = [quantize(x, s).codes for x, s in edge_cases() if s.bits == 4 and s.format == "int"]
+    assert any(int(c.max()) == 7 for c in int4) and any(int(c.min()) == -8 for c in int4)
+
+
+def test_grid_fits_names_what_is_wrong():
+    from qnpu.testing import assert_grid_fits
+
+    x = torch.linspace(-1, 1, 16).reshape(2, 8)
+    spec = QSpec(bits=4)
+    q = quantize(x, spec)
+    assert_grid_fits(x, q)
+    with pytest.raises(AssertionError, match="never reach the end of the grid"):
+        assert_grid_fits(x, quantize(x, spec, scale=q.scale * 2))
+    with pytest.raises(AssertionError, match="outside the grid"):
+        assert_grid_fits(x, quantize(x, spec, scale=q.scale / 2))
+    asym = QSpec(bits=4, format="uint", symmetric=False)
+    qa = quantize(x, asym)
+    with pytest.raises(AssertionError, match="zero point off"):
+        assert_grid_fits(x, quantize(x, asym, scale=qa.scale, zero_point=qa.zero_point - 1))
+    assert_grid_fits(torch.zeros(2, 8), quantize(torch.zeros(2, 8), spec))  # an all-zero slice uses no code
+    with pytest.raises(ValueError, match="binary"):
+        assert_grid_fits(x, quantize(x, QSpec(bits=1, format="binary")))

@@ -215,3 +215,18 @@ def test_bfloat16_params_keep_their_dtype():
 def test_bad_arguments_name_the_argument(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         smoothquant(**kwargs)
+
+
+@settings(max_examples=10)
+@given(block_views(), st.sampled_from([0.0, 1.0]))
+def test_alpha_moves_the_difficulty_in_its_direction(view, alpha):
+    """alpha = 1 puts all of it on the weights: every input channel's max|X'_j| becomes 1; alpha = 0
+    puts none there: every channel's max|W'_j| (over the consumers) becomes 1 (Xiao et al. 2023, eq. 4)."""
+    new, _ = run(view, alpha=alpha, pairs="norms")
+    s = view.structure
+    for group in ((s.q, s.k, s.v), (s.gate, s.up)):
+        if alpha == 1.0:
+            flat = new.stats[group[0]].absmax
+        else:
+            flat = torch.stack([new.weight(n).abs().amax(0) for n in group]).amax(0)
+        torch.testing.assert_close(flat, torch.ones_like(flat), rtol=1e-4, atol=0)

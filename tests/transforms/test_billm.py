@@ -21,7 +21,7 @@ from qnpu.transforms import (
     state_from_dict,
     state_to_dict,
 )
-from qnpu.transforms.billm import BinarizedWeight, billm, billm_dequantize, billm_quantize
+from qnpu.transforms.billm import BinarizedWeight, billm, billm_dequantize, billm_quantize, quantiles
 
 BINARY = QSpec(bits=1, format="binary")
 
@@ -240,3 +240,23 @@ def test_layer_errors_name_the_layer_and_the_fix(view):
     w[0, 0] = float("nan")
     with pytest.raises(TransformError, match=f"{label}.*NaN"):
         run(chain(quant_specs(weight=BINARY), billm()), view.with_params({"self_attn.q_proj.weight": w}))
+
+
+def test_break_point_quantiles_equal_torch_quantile():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        levels = torch.linspace(0.1, 0.9, 40, dtype=dtype)
+        for n in (1, 2, 7, 40, 1001):
+            x = torch.randn(n, generator=g, dtype=dtype).abs()
+            assert torch.equal(quantiles(x, levels), torch.quantile(x, levels)), (dtype, n)
+
+
+def test_break_point_quantiles_work_above_torch_quantile_limit():
+    """2^24 + 1 elements, where torch.quantile raises (the real size, not a patched limit; a
+    descending ramp keeps the sort cheap and makes the value at rank r equal to r)."""
+    n = 2 ** 24 + 1
+    x = torch.arange(n - 1, -1, -1, dtype=torch.float32)
+    levels = torch.linspace(0.1, 0.9, 5)
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(x, levels)
+    torch.testing.assert_close(quantiles(x, levels).double(), levels.double() * (n - 1), rtol=1e-7, atol=0.0)

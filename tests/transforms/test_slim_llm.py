@@ -221,3 +221,37 @@ def test_recipe_round_trip():
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         slim_llm(**kwargs)
+
+
+def test_one_bit_groups_are_binarized_around_the_row_mean():
+    """Without error feedback (H = I makes U diagonal) each 1-bit group row is exactly
+    ``mu + a sign(w - mu)``, ``mu`` its mean and ``a = mean|w - mu|``: two values per row."""
+    w, _ = problem(11, 6, 24)
+    w_c, u = inverse_hessian_cholesky(w, torch.eye(24), 0.01)
+    bits = torch.tensor([1, 3, 1], dtype=torch.int32)
+    mt = mixed_gptq(w_c, u, torch.ones(24), U2, bits, 8)
+    q = mt.dequantize()
+    for g in (0, 2):
+        x = w_c[:, g * 8:(g + 1) * 8]
+        mu = x.mean(1, keepdim=True)
+        a = (x - mu).abs().mean(1, keepdim=True)
+        torch.testing.assert_close(q[:, g * 8:(g + 1) * 8], mu + a * torch.where(x >= mu, 1.0, -1.0),
+                                   rtol=1e-6, atol=1e-7)
+        assert all(len(row.unique()) == 2 for row in q[:, g * 8:(g + 1) * 8])
+        assert set(mt.codes[:, g * 8:(g + 1) * 8].unique().tolist()) == {-1, 1}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_binarized_one_bit_groups_beat_the_one_bit_grid(seed):
+    """On every linear of a random block, with half the groups at 1 bit, the calibration objective
+    tr((W - Q) H (W - Q)^T) is lower binarized than on the asymmetric {0, x} 1-bit grid."""
+    v = random_block(seed)
+    for name in v.structure.linears:
+        w, h = v.weight(name), v.stats[name].hessian
+        w_c, u = inverse_hessian_cholesky(w, h, 0.01)
+        n_groups = w.shape[1] // 32
+        sal = ((w_c ** 2).sum(0) / torch.diag(u) ** 2).reshape(n_groups, 32).sum(1)
+        alloc = allocate_bits(sal, 2, n_groups // 2)
+        err = {mode: h_error(w, mixed_gptq(w_c, u, torch.diag(h), U2, alloc, 32, one_bit=mode).dequantize(), h)
+               for mode in ("binarize", "grid")}
+        assert err["binarize"] < err["grid"], name

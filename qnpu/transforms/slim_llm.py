@@ -194,9 +194,10 @@ def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSp
 
 
 def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bits: int, group_size: int,
-                      damp: float = 0.01, sqc_grid: int = 10, max_pairs: int | None = None) -> SlimWeight:
-    """SliM-LLM on one weight (see the module docstring). Pure; ValueError for a bad Hessian or a
-    ``group_size`` that does not divide ``in_features``."""
+                      damp: float = 0.01, sqc_grid: int = 10, max_pairs: int | None = None,
+                      one_bit: str = "binarize") -> SlimWeight:
+    """SliM-LLM on one weight (see the module docstring; ``one_bit`` as in `mixed_gptq`). Pure;
+    ValueError for a bad Hessian or a ``group_size`` that does not divide ``in_features``."""
     out, n_in = w.shape
     if n_in % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
@@ -209,7 +210,7 @@ def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bi
     best = None
     for k in range(k_max + 1):
         alloc = allocate_bits(salience, bits, k)
-        qw = mixed_gptq(w_c, u, torch.diag(h), spec, alloc, group_size, sqc_grid, dtype=w.dtype)
+        qw = mixed_gptq(w_c, u, torch.diag(h), spec, alloc, group_size, sqc_grid, dtype=w.dtype, one_bit=one_bit)
         objective[k] = hessian_error(w_c, qw.dequantize(w_c.dtype), h)
         if best is None or objective[k] < objective[best[0]]:
             best = (k, alloc, qw)

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qnpu.qcore import pack_bits, unpack_bits
+from qnpu.qcore import QTensor, pack_bits, unpack_bits
 
-from .schemes import LoweringError, _weight_rows, classify, float_tensors, is_quantized_linear, quantized_layers
+from .schemes import LoweringError, _packed_kind, _weight_rows, classify, float_tensors, is_quantized_linear, quantized_layers
 
 WEIGHTS = "model.safetensors"
 CT_VERSION = "0.20.0"          # the compressed-tensors release these files are checked against
@@ -78,9 +78,9 @@ def _scheme(label: str, m) -> str:
         raise LoweringError(f"{label}: has no integer weight codes (qweight is None: its recipe left the weight "
                             "float, or it is BiLLM / SliM-LLM)")
     ws = q.spec
-    if ws.format == "binary" or (ws.granularity == "group" and q.scale.shape[-1] * ws.group_size != q.codes.shape[1]):
-        raise LoweringError(f"{label}: binary / mixed-precision weights (BiLLM, SliM-LLM) have no compressed-tensors "
-                            "integer scheme; export a W8/W4 recipe instead")
+    if not isinstance(q, QTensor) or ws.format == "binary":
+        raise LoweringError(f"{label}: {_packed_kind(q)} weights have no compressed-tensors integer scheme; "
+                            "export a W8/W4 recipe instead")
     if ws.granularity == "group" and ws.axis not in (-1, 1):
         raise LoweringError(f"{label}: weight groups run along axis {ws.axis}; compressed-tensors groups run along "
                             "the input dimension (axis=-1)")

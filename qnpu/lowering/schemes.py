@@ -61,6 +61,13 @@ def _weight_rows(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     return scale, zp, 0
 
 
+def _packed_kind(q) -> str:
+    """How an error names a weight with no integer grid (BiLLM's planes, SliM-LLM's mixed groups)."""
+    layout = getattr(q, "layout", None)
+    return {"billm": "BiLLM binarized", "mixed": "SliM-LLM mixed-precision (1-3 bit groups)"}.get(
+        layout, "binary / mixed-precision (BiLLM, SliM-LLM)")
+
+
 def classify(label: str, m) -> str:
     """The scheme of quantized linear ``m`` (``label`` names it in errors); raises `LoweringError`."""
     q, act = m.qweight, m.act_spec
@@ -68,9 +75,9 @@ def classify(label: str, m) -> str:
         raise LoweringError(f"{label}: has no integer weight codes (qweight is None: its recipe left the weight "
                             "float, or it is BiLLM / SliM-LLM, which have no Ascend integer kernel)")
     ws = q.spec
-    if ws.format == "binary" or (ws.granularity == "group" and q.scale.shape[-1] * ws.group_size != q.codes.shape[1]):
-        raise LoweringError(f"{label}: binary / mixed-precision weights (BiLLM, SliM-LLM) have no Ascend integer "
-                            "kernel; lower a W8/W4 recipe instead")
+    if not isinstance(q, QTensor) or ws.format == "binary":
+        raise LoweringError(f"{label}: {_packed_kind(q)} weights have no Ascend integer kernel; lower a W8/W4 "
+                            "recipe instead")
     if ws.granularity not in ("channel", "group", "tensor") or (ws.granularity == "channel" and ws.axis % 2 != 0):
         raise LoweringError(f"{label}: weight granularity {ws.granularity} (axis {ws.axis}) is not per output "
                             "channel or per input group; the Ascend matmuls scale per output channel")

@@ -4,11 +4,17 @@ Layout of a checkpoint folder::
 
     qnpu.json                     format version, qnpu version, source model identity, recipe,
                                   and per quantized linear: weight/activation specs, static
-                                  activation qparams keys, online Hadamard flag
+                                  activation qparams keys, online Hadamard flag, and for a
+                                  packed layout its ``weight_layout`` ({"kind", ...})
     config.json                   the source model's Hugging Face config
     shard-00000.safetensors ...   tensors; a quantized linear ``L`` stores ``L.codes``,
                                   ``L.scale`` and (asymmetric) ``L.zero_point`` instead of
-                                  ``L.weight``; everything else is stored as is
+                                  ``L.weight``, or a packed layout's tensors ``L.<suffix>``
+                                  (BiLLM planes, SliM-LLM groups: `qnpu.qcore.BiLLMTensor`,
+                                  `qnpu.qcore.MixedTensor`); everything else is stored as is
+
+Format version 1 has `QTensor` weights only; a checkpoint with a packed layout is version 2, so an
+older qnpu refuses it by its version instead of misreading it.
 
 A `CheckpointWriter` writes into ``<path>.partial-<pid>`` and renames it to ``path`` only in
 `CheckpointWriter.close`, so an interrupted run never leaves a half-written checkpoint at ``path``;
@@ -26,11 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import qnpu
-from qnpu.qcore import QSpec, QTensor
+from qnpu.qcore import PACKED_LAYOUTS, QSpec, QTensor, is_packed, packed_from_tensors
+from qnpu.qcore.qweights import PACKED_SUFFIXES
 from qnpu.qcore.outputs import publish, recover, remove, staging
 
 FORMAT = "qnpu-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version read; written: 1, or 2 when a packed layout is present
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], file: Path, final: Path) -> None:
@@ -54,13 +61,13 @@ class CheckpointWriter:
             raise FileExistsError(f"{self.path} exists; choose another output folder or overwrite it "
                                   "(overwrite=True, qnpu quantize --overwrite)")
         self.tmp = staging(self.path)
-        self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qnpu_version": qnpu.__version__,
+        self.meta = {"format": FORMAT, "format_version": 1, "qnpu_version": qnpu.__version__,
                      "source": source, "recipe": recipe, "linears": {}, "shards": [], "extra": {}}
         (self.tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
         self.overwrite = overwrite
 
     def add(self, tensors: dict[str, torch.Tensor], qlinears: dict[str, dict] | None = None) -> None:
-        """Write one shard. ``qlinears`` maps a linear's label to ``{"qweight": QTensor | None,
+        """Write one shard. ``qlinears`` maps a linear's label to ``{"qweight": QWeight | None,
         "act_spec": QSpec | None, "act_qparams": (scale, zp) | None, "online_hadamard": bool}``;
         with a ``qweight`` the float ``<label>.weight`` must not also be in ``tensors`` (it is
         rebuilt by dequantizing); without one (activation-only quantization) it must be."""
@@ -71,6 +78,12 @@ class CheckpointWriter:
             if q is not None:
                 if f"{label}.weight" in shard:
                     raise ValueError(f"{label}: pass either its quantized weight or its float weight, not both")
+            if is_packed(q):
+                shard.update({f"{label}.{k}": v.contiguous() for k, v in q.to_tensors().items()})
+                entry = {"weight_spec": q.spec.to_dict(), "dtype": str(q.dtype).removeprefix("torch."),
+                         "weight_layout": {"kind": q.layout, **q.layout_meta()}}
+                self.meta["format_version"] = 2
+            elif q is not None:
                 shard[f"{label}.codes"] = q.codes.contiguous()
                 shard[f"{label}.scale"] = q.scale.contiguous()
                 if q.zero_point is not None:
@@ -157,6 +170,11 @@ def _check_meta(meta: dict, file: Path) -> None:
             if not isinstance(entry.get(key, ...), kinds):
                 raise damaged(file, f"quantized linear {label}: '{key}' is "
                                     f"{'missing' if key not in entry else 'invalid: ' + repr(entry[key])}")
+        layout = entry.get("weight_layout")
+        if layout is not None and not (isinstance(layout, dict) and layout.get("kind") in PACKED_LAYOUTS
+                                       and isinstance(entry["weight_spec"], dict)):
+            raise damaged(file, f"quantized linear {label}: 'weight_layout' is invalid: {layout!r} (known kinds: "
+                                f"{sorted(PACKED_LAYOUTS)})")
 
 
 def _has_zero_point(spec: QSpec | None) -> bool:
@@ -204,7 +222,7 @@ class Checkpoint:
 
     def _where(self, label: str) -> Path:
         """The shard holding a quantized linear's tensors (qnpu.json when it has none)."""
-        names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point", "act_scale", "act_zero_point")]
+        names = [f"{label}.{p}" for p in PACKED_SUFFIXES + ("act_scale", "act_zero_point")]
         return next((self.files[n] for n in names if n in self.files), self.meta_file)
 
     def _spec(self, label: str, key: str) -> QSpec:
@@ -213,11 +231,13 @@ class Checkpoint:
         except (ValueError, TypeError) as err:
             raise damaged(self.meta_file, f"quantized linear {label}: {key}: {one_line(err)}") from None
 
-    def _qweight(self, label: str, entry: dict) -> QTensor:
+    def _qweight(self, label: str, entry: dict):
         t, spec = self.tensors, self._spec(label, "weight_spec")
         dtype = getattr(torch, str(entry["dtype"]), None)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise damaged(self.meta_file, f"quantized linear {label}: unknown dtype {entry['dtype']!r}")
+        if entry.get("weight_layout") is not None:
+            return self._packed(label, entry["weight_layout"], spec, dtype)
         names = [f"{label}.{p}" for p in ("codes", "scale", "zero_point")]
         where = self._where(label)
         lacking = [n for n in (names if _has_zero_point(spec) else names[:2]) if n not in t]
@@ -233,8 +253,18 @@ class Checkpoint:
         except (ValueError, TypeError, IndexError, RuntimeError) as err:  # codes out of range, NaN or mis-shaped scales
             raise damaged(where, f"quantized linear {label}: {one_line(err)}") from None
 
+    def _packed(self, label: str, layout: dict, spec: QSpec, dtype: torch.dtype):
+        """A packed layout's weight (`qnpu.qcore.packed_from_tensors`) from ``label``'s tensors."""
+        tensors = {k: self.tensors[f"{label}.{k}"] for k in PACKED_SUFFIXES if f"{label}.{k}" in self.tensors}
+        meta = {k: v for k, v in layout.items() if k != "kind"}
+        try:
+            return packed_from_tensors(layout["kind"], tensors, meta, spec, dtype)
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as err:
+            raise damaged(self._where(label), f"quantized linear {label} ({layout['kind']} layout): "
+                                              f"{one_line(err)}") from None
+
     def qlinears(self) -> dict[str, dict]:
-        """Label -> ``{"qweight": QTensor | None, "act_spec", "act_qparams", "online_hadamard"}``."""
+        """Label -> ``{"qweight": QWeight | None, "act_spec", "act_qparams", "online_hadamard"}``."""
         out = {}
         for label, entry in self.meta["linears"].items():
             q = None if entry["weight_spec"] is None else self._qweight(label, entry)
@@ -253,7 +283,7 @@ class Checkpoint:
 
     def float_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that are not part of a quantized linear's encoding."""
-        suffixes = (".codes", ".scale", ".zero_point", ".act_scale", ".act_zero_point")
+        suffixes = tuple(f".{p}" for p in PACKED_SUFFIXES + ("act_scale", "act_zero_point"))
         labels = set(self.meta["linears"])
         return {k: v for k, v in self.tensors.items()
                 if not (k.endswith(suffixes) and k.rsplit(".", 1)[0] in labels)}

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qnpu.qcore import QSpec, QTensor, fake_quantize, hadamard_transform
+from qnpu.qcore import QSpec, QWeight, fake_quantize, hadamard_transform
 
 
 class QLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` holding a fake-quantized weight and activation spec."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 qweight: QTensor | None = None, act_spec: QSpec | None = None,
+                 qweight: QWeight | None = None, act_spec: QSpec | None = None,
                  act_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                  online_hadamard: bool = False) -> None:
         super().__init__()

@@ -26,7 +26,8 @@ class BlockResult:
     state:        the recipe's state pytree for this block.
     params:       the block's final params by block-relative name (QLinear weights are the
                   dequantized values); empty in results that `quantize_from_disk` returns.
-    qweights:     linear name -> `QTensor` (from every `WeightsState` in the state).
+    qweights:     linear name -> quantized weight (`QTensor`, `BiLLMTensor` or `MixedTensor`), from
+                  every `WeightsState` in the state: the one channel every rounder uses.
     act_qparams:  linear name -> static ``(scale, zero_point)`` of its input.
     output_error: ``||y - y_q|| / ||y||`` of the block on the calibration inputs.
     linear_errors: linear name -> relative output error on its token sample (module docstring).

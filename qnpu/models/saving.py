@@ -1,7 +1,7 @@
 """`save_quantized` / `load_quantized`: a quantized model to a checkpoint folder and back.
 
 The checkpoint stores integer codes and scales (not the dequantized weights) for every linear
-the recipe rounded; loading dequantizes them with the same `qnpu.qcore.dequantize`, so the
+the recipe rounded (packed binarized / mixed-precision layouts for BiLLM and SliM-LLM); loading dequantizes them with the same `qnpu.qcore.dequantize`, so the
 reloaded model is bit-identical to the one that was saved. See `qnpu.models.checkpoint`.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None)
         old = _linear(ckpt, model, label)
         q = info["qweight"]
         if q is not None and tuple(q.shape) != tuple(old.weight.shape):
-            raise damaged(ckpt.files[f"{label}.codes"], f"quantized linear {label}: codes have shape {tuple(q.shape)}, "
+            raise damaged(ckpt._where(label), f"quantized linear {label}: codes have shape {tuple(q.shape)}, "
                                                         f"the model of {ckpt.config_file.name} needs "
                                                         f"{tuple(old.weight.shape)}")
         weight = old.weight.detach() if q is None else q.dequantize()

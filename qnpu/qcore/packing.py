@@ -112,3 +112,30 @@ def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
     if packed.dtype != torch.int8 or packed.ndim != 2:
         raise ValueError(f"unpack_int4_pairs expects a 2-d int8 tensor; got {packed.dtype} {tuple(packed.shape)}")
     return unpack_bits(packed, 4, dim=0, signed=True)
+
+
+def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``values`` (any shape, each in ``[0, 2^bits)``, ``bits`` in 1..8) as one LSB-first
+    bit stream in uint8: value ``k`` (row-major order) occupies stream bits ``[k * bits, (k + 1) * bits)``,
+    stream bit ``t`` is bit ``t % 8`` of byte ``t // 8``; the last byte is zero-padded.
+    ``ceil(values.numel() * bits / 8)`` bytes. Unlike `pack_bits`, any width (3, 5, 6, 7) packs densely."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} is invalid; allowed: an int in 1..8")
+    if values.is_floating_point():
+        raise ValueError(f"values must be an integer or bool tensor; got {values.dtype}")
+    v = values.reshape(-1).to(torch.int64)
+    _check_range(v, 0, (1 << bits) - 1, "pack_bitstream")
+    stream = ((v.unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    return (stream.reshape(-1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Exact inverse of `pack_bitstream`: the first ``count`` values (int64, flat). ValueError when
+    ``packed`` is not a uint8 vector of exactly ``ceil(count * bits / 8)`` bytes."""
+    need = (count * bits + 7) // 8
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
+        raise ValueError(f"a {bits}-bit stream of {count} values takes {need} uint8 bytes; got "
+                         f"{str(packed.dtype).removeprefix('torch.')} of shape {tuple(packed.shape)}")
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(-1)[: count * bits]
+    return (stream.reshape(count, bits) << torch.arange(bits)).sum(-1)

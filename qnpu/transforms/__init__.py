@@ -30,7 +30,7 @@ from .base import (
 from . import recipes
 from .activations import ActivationState, activation_scales
 from .awq import AWQState, awq
-from .billm import BiLLMState, billm
+from .billm import billm
 from .block import block_forward, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .gptaq import gptaq, gptaq_quantize
@@ -51,7 +51,7 @@ __all__ = [
     "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq", "gptaq_quantize",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
-    "billm", "BiLLMState", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",
+    "billm", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",
     "hadamard_rotation", "RotationState", "rotate_edges", "rotation_matrix",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
     "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from qnpu.qcore import QSpec, QTensor
+from qnpu.qcore import QSpec, QTensor, is_packed, packed_from_tensors
 
 from .view import BlockView
 
@@ -140,6 +140,9 @@ def _encode(obj: Any) -> Any:
     if isinstance(obj, QTensor):
         return {"__qtensor__": {"codes": obj.codes, "scale": obj.scale, "zero_point": obj.zero_point,
                                 "spec": obj.spec.to_dict(), "dtype": str(obj.dtype).removeprefix("torch.")}}
+    if is_packed(obj):
+        return {"__packed__": {"layout": obj.layout, "meta": obj.layout_meta(), "tensors": obj.to_tensors(),
+                               "spec": obj.spec.to_dict(), "dtype": str(obj.dtype).removeprefix("torch.")}}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return {"__state__": type(obj).__name__, **{f: _encode(getattr(obj, f)) for f in obj._fields}}
     if isinstance(obj, tuple):
@@ -165,6 +168,10 @@ def _decode(obj: Any) -> Any:
     if "__qtensor__" in obj:
         d = obj["__qtensor__"]
         return QTensor(d["codes"], d["scale"], d["zero_point"], QSpec.from_dict(d["spec"]), getattr(torch, d["dtype"]))
+    if "__packed__" in obj:
+        d = obj["__packed__"]
+        return packed_from_tensors(d["layout"], d["tensors"], d["meta"], QSpec.from_dict(d["spec"]),
+                                   getattr(torch, d["dtype"]))
     if "__tuple__" in obj:
         return tuple(_decode(v) for v in obj["__tuple__"])
     if "__state__" in obj:

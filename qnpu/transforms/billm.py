@@ -33,23 +33,20 @@ Per linear ``W [out, in]`` with input Hessian ``H = X^T X / n [in, in]``:
    reference code binarizes each block without the within-block feedback; we keep it, which is
    GPTQ's exact sequential update for parameters fixed per block.
 
-Storage and bit accounting (`BinarizedWeight`), per linear with ``n = out * in`` weights, ``n_s``
-salient columns, and ``SCALE_BITS = 16`` (fp16) per stored scale or offset::
+Storage (`qnpu.qcore.BiLLMTensor`, which gives the exact byte layout) per linear with ``n = out * in``
+weights and ``n_s`` salient columns: sign bits ``n + out * n_s`` (first- and second-order planes),
+the split bitmap ``out * (in - n_s)`` (split=True), the salient-column bitmap ``in``, and per row
+and block the scales and offsets of the components in use, at the compute precision (fp32 for
+float32 / bfloat16 weights, 32 bits each)::
 
-    sign bits      out * in                 first-order sign of every weight (``codes``)
-                 + out * n_s                second-order sign of salient weights (``residual_codes``)
-    split bitmap   out * (in - n_s)         concentrated/sparse bit per non-salient weight (split=True)
-    column bitmap  in                       salient-column flag
-    qparams        16 * out * sum_blocks c_b * (2 if mean_offsets else 1)
-                   c_b = (2 if block has salient columns else 0) + (2 if split else 1)
-    bits_per_weight       = (all of the above) / n
+    bits_per_weight       = 8 * packed_nbytes / n
     paper_bits_per_weight = (sign bits) / n = 1 + n_s / in   (the paper's headline "1.08 bits")
 
 The paper's headline 1.08-1.1 bits equals the sign bits alone (``2 r + (1 - r)`` for a salient
 fraction ``r``); the split bitmap costs one more bit per non-salient weight, and the per-row,
-per-block fp16 scales and offsets ``16 * c_b * 2 / block_size`` (1 bit at block 128),
-so the honest storage is above 2 bits per weight (use ``split=False, mean_offsets=False`` and a
-large block for ~1.1-1.4 bits). Both numbers are recorded.
+per-block fp32 scales and offsets ``32 * C * 2 / block_size`` (``C`` = 3-4 components: 2 bits at
+block 128), so the honest storage is 4-5 bits per weight at block 128 (use ``split=False,
+mean_offsets=False`` and a large block for ~1.2-1.5 bits). Both numbers are recorded.
 
 Spec: BiLLM needs the target's weight spec only to know that it is binarized; it must be
 ``format="binary"`` (e.g. ``QSpec(bits=1, format="binary")``); its granularity is not used (scales
@@ -63,48 +60,14 @@ from typing import NamedTuple
 
 import torch
 
-from .base import QTransform, register_state, register_transform
-from .rounding import checked_weight, dead_columns, hessian_of, quantizable
+from qnpu.qcore import BiLLMTensor
+
+from .base import QTransform, register_transform
+from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable, store
 from .view import BlockView, fail
 
-SCALE_BITS = 16
-# order of the stacked per-row parameters in `BinarizedWeight.scale` / `.offset`
-COMPONENTS = ("salient", "salient_residual", "concentrated", "sparse")
-
-
-@register_state
-class BinarizedWeight(NamedTuple):
-    """One linear binarized by BiLLM (shapes for ``W [out, in]``, ``nb = ceil(in / block_size)``).
-
-    codes:          int8 [out, in] in {-1, +1}: first-order sign of every weight.
-    residual_codes: int8 [out, n_s] in {-1, +1}: second-order sign of the salient columns, in
-                    increasing column order.
-    salient:        bool [in]: salient-column mask.
-    sparse:         bool [out, in]: non-salient weights in the sparse (``|w| > p``) group; False on
-                    salient columns.
-    scale, offset:  [4, out, nb] per-row per-block ``a`` and ``mu`` of `COMPONENTS` (offsets are
-                    zero when ``mean_offsets`` is False; unused components are zero).
-    """
-
-    codes: torch.Tensor
-    residual_codes: torch.Tensor
-    salient: torch.Tensor
-    sparse: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
-    block_size: int
-    split: bool
-    mean_offsets: bool
-    bits_per_weight: float
-    paper_bits_per_weight: float
-    dtype: str
-
-
-@register_state
-class BiLLMState(NamedTuple):
-    """`BinarizedWeight` by linear name (relative to the block)."""
-
-    weights: dict
+# the weight BiLLM produces: codes, masks and per-row per-block (a, mu) (`qnpu.qcore.BiLLMTensor`)
+BinarizedWeight = BiLLMTensor
 
 
 # -- shared OBS helpers (also used by slim_llm) ----------------------------------------------------
@@ -191,12 +154,23 @@ def _choose_k(wb: torch.Tensor, order: torch.Tensor, col_weight: torch.Tensor, k
     return best_k
 
 
+def quantiles(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(x, levels)`` (linear interpolation between the order statistics at rank
+    ``q * (n - 1)``) for a 1-d ``x`` of any size: one sort instead of torch.quantile, which raises
+    above 2^24 elements. Same rank and ``torch.lerp`` arithmetic, so the values are identical."""
+    s = torch.sort(x).values
+    ranks = levels.to(x.dtype) * (s.numel() - 1)
+    below = ranks.to(torch.int64)
+    above = torch.ceil(ranks).to(torch.int64)
+    return torch.lerp(s[below], s[above], ranks - below)
+
+
 def _choose_split(x: torch.Tensor, offsets: bool, grid: int) -> torch.Tensor:
     """Sparse mask ``|x| > p`` of the non-salient weights ``x [out, m]`` minimizing the error of
     binarizing the two groups separately (``p`` over quantiles 0.1..0.9 of ``|x|``)."""
     ax = x.abs()
     levels = torch.linspace(0.1, 0.9, grid, dtype=x.dtype)
-    cands = torch.quantile(ax.flatten(), levels)
+    cands = quantiles(ax.flatten(), levels)
     best_mask, best = torch.zeros_like(x, dtype=torch.bool), math.inf
     for p in cands:
         sparse = ax > p
@@ -251,39 +225,15 @@ def _binarize_column(w, salient, sparse_col, scale, offset):
 
 
 # -- public core -------------------------------------------------------------------------------
-def billm_bits(salient: torch.Tensor, out: int, block_size: int, split: bool,
-               mean_offsets: bool) -> tuple[float, float]:
-    """``(bits_per_weight, paper_bits_per_weight)`` by the accounting in the module docstring."""
-    n_in = salient.numel()
-    n_s = int(salient.sum())
-    n = out * n_in
-    sign_bits = n + out * n_s
-    split_bits = out * (n_in - n_s) if split else 0
-    per_block = [(2 if bool(salient[i:i + block_size].any()) else 0) + (2 if split else 1)
-                 for i in range(0, n_in, block_size)]
-    qparam_bits = SCALE_BITS * out * sum(per_block) * (2 if mean_offsets else 1)
-    return (sign_bits + split_bits + n_in + qparam_bits) / n, sign_bits / n
-
-
-def billm_dequantize(bw: BinarizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight a `BinarizedWeight` stands for: per column ``j`` in block ``b = j // block_size``,
-    salient ``mu0 + a0 c + mu1 + a1 r``, sparse ``mu3 + a3 c``, concentrated ``mu2 + a2 c``."""
-    out, n_in = bw.codes.shape
-    blk = torch.arange(n_in) // bw.block_size
-    a, mu = bw.scale[:, :, blk], bw.offset[:, :, blk]
-    c = bw.codes.to(a.dtype)
-    r = torch.zeros_like(c)
-    r[:, bw.salient] = bw.residual_codes.to(a.dtype)
-    salient_q = (mu[0] + a[0] * c) + (mu[1] + a[1] * r)
-    other_q = torch.where(bw.sparse, mu[3] + a[3] * c, mu[2] + a[2] * c)
-    q = torch.where(bw.salient.unsqueeze(0), salient_q, other_q)
-    return q.to(dtype or getattr(torch, bw.dtype))
+def billm_dequantize(bw: BiLLMTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight a `BiLLMTensor` stands for (`BiLLMTensor.dequantize`)."""
+    return bw.dequantize(dtype)
 
 
 def billm_quantize(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 128,
                    salient_fraction: float | None = None, max_salient_fraction: float = 0.2,
                    split: bool = True, mean_offsets: bool = True, split_grid: int = 40,
-                   damp: float = 0.01) -> BinarizedWeight:
+                   damp: float = 0.01) -> BiLLMTensor:
     """Binarize ``w [out, in]`` with BiLLM against ``hessian [in, in]`` (see the module docstring).
     Pure: ``w`` and ``hessian`` are not modified. Raises ValueError for a bad Hessian."""
     w_c, u = inverse_hessian_cholesky(w, hessian, damp)
@@ -313,12 +263,10 @@ def billm_quantize(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
             err[:, j] = (wb[:, j] - q) / ub[j, j]
             wb[:, j:] -= err[:, j:j + 1] * ub[j:j + 1, j:]
         w_c[:, i2:] -= err @ u[i1:i2, i2:]
-    bits, paper_bits = billm_bits(salient, out, block_size, split, mean_offsets)
-    return BinarizedWeight(
+    return BiLLMTensor(
         codes=codes.to(torch.int8), residual_codes=residual[:, salient].to(torch.int8), salient=salient,
         sparse=sparse, scale=scale, offset=offset, block_size=block_size, split=split,
-        mean_offsets=mean_offsets, bits_per_weight=bits, paper_bits_per_weight=paper_bits,
-        dtype=str(w.dtype).removeprefix("torch."))
+        mean_offsets=mean_offsets, dtype=w.dtype)
 
 
 # -- the transform -----------------------------------------------------------------------------
@@ -335,8 +283,9 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
           split: bool = True, mean_offsets: bool = True, split_grid: int = 40, damp: float = 0.01) -> QTransform:
     """BiLLM binarization of every target with a ``format="binary"`` weight spec (Huang et al. 2024).
 
-    ``params["<name>.weight"]`` becomes `billm_dequantize` of the result (same shape and dtype) and
-    `BiLLMState.weights[name]` holds the `BinarizedWeight` (codes, masks, scales, bit counts).
+    ``params["<name>.weight"]`` becomes the dequantized result (same shape and dtype) and
+    `WeightsState.qweights[name]` holds the `BiLLMTensor` (codes, masks, scales, bit counts): the
+    channel every rounder's quantized weights go through.
     ``salient_fraction=None`` searches the salient-column count per block up to
     ``max_salient_fraction`` of its columns; a number fixes it. See the module docstring for the
     math and the exact bit accounting.
@@ -353,8 +302,8 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
         raise ValueError(f"billm: damp={damp!r}; allowed: a number > 0")
 
-    def update(view: BlockView, state: BiLLMState):
-        results, updates = {}, {}
+    def update(view: BlockView, state: WeightsState):
+        results = {}
         for name, spec in quantizable(view, "billm"):
             if spec.format != "binary":
                 fail("billm", view, name, f"the weight spec has format={spec.format!r}, BiLLM binarizes",
@@ -372,7 +321,6 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
             except ValueError as err:
                 fail("billm", view, name, str(err), "increase damp or recalibrate with more tokens")
             results[name] = bw
-            updates[f"{name}.weight"] = billm_dequantize(bw, w.dtype)
-        return view.with_params(updates), BiLLMState({**state.weights, **results})
+        return store(view, state, results)
 
-    return QTransform(lambda view: BiLLMState({}), update)
+    return QTransform(lambda view: WeightsState({}), update)

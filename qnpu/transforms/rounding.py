@@ -2,7 +2,9 @@
 
 Every weight-rounding transform reads each target's weight spec from ``view.specs`` (set with
 `quant_specs`), replaces ``"<name>.weight"`` by its dequantized value (same dtype and shape, so
-the block still runs in float) and keeps the integer `QTensor` in a `WeightsState`.
+the block still runs in float) and keeps the quantized weight in a `WeightsState`: a `QTensor`
+(rtn, gptq, gptaq), `BiLLMTensor` (billm) or `MixedTensor` (slim_llm). The engine reads quantized
+weights from there only.
 """
 from __future__ import annotations
 

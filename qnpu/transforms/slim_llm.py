@@ -19,10 +19,15 @@ Group-wise mixed precision at an exact average bit width, on top of a GPTQ sweep
    candidate, which costs ``G // 2 + 1`` sweeps). ``k = 0`` (uniform ``b`` bits) is a candidate,
    so the result is never worse than uniform ``b``-bit GPTQ on that objective.
 4. Quantization: a GPTQ sweep over columns with lazy updates per group: at the start of group
-   ``g`` its per-row ``(scale, zero_point)`` are fitted to the current (error-compensated) weights
-   with the target spec at ``bits_g`` bits (``spec.replace(bits=bits_g)``: format, symmetry,
-   ``full_range`` and ``clip_ratio`` come from the spec), then each column is rounded to that grid
-   and its error ``(w_j - q_j) / U_jj`` is fed forward, ``W[:, j:] -= err_j U[j, j:]``.
+   ``g`` its per-row parameters are fitted to the current (error-compensated) weights, then each
+   column is rounded and its error ``(w_j - q_j) / U_jj`` is fed forward, ``W[:, j:] -= err_j U[j, j:]``.
+   Groups of ``bits_g >= 2`` bits get ``(scale, zero_point)`` of the target spec at ``bits_g`` bits
+   (``spec.replace(bits=bits_g)``: format, symmetry, ``full_range`` and ``clip_ratio`` come from
+   the spec). 1-bit groups are *binarized* as in the paper's reference code: per row,
+   ``mu = mean(w)``, ``q = mu + a sign(w - mu)`` (sign(0) = +1), with ``a = mean|w - mu|`` (the
+   least-squares scale for those signs; the reference takes ``mean|w|``, which ignores the offset:
+   measured in docs/architecture.md). A 1-bit *grid* (``{0, x}`` asymmetric) would round most
+   weights of a zero-centred row to 0.
 5. Salience-weighted quantizer calibration (SQC), simplified: with ``sqc_grid = n > 1``, each
    group's per-row clip ratio ``c`` is searched over ``linspace(1, 0.5, n)`` (times the spec's
    ``clip_ratio``) minimizing ``sum_j H_jj (w_ij - q_ij)^2`` on the group's current weights, i.e.
@@ -42,11 +47,11 @@ from typing import NamedTuple
 
 import torch
 
-from qnpu.qcore import QSpec, QTensor, choose_qparams, zero_point_in_domain
+from qnpu.qcore import MixedTensor, QSpec, choose_qparams
 
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
-from .rounding import checked_weight, dead_columns, hessian_of, quantizable
+from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable
 from .view import BlockView, fail
 
 
@@ -55,14 +60,13 @@ class SlimWeight(NamedTuple):
     """One linear quantized by SliM-LLM (``G = in / group_size`` groups).
 
     group_bits:     int32 [G]: bit width of each group (mean exactly ``bits``).
-    qweights:       tuple of G `QTensor` over ``W[:, g*gs:(g+1)*gs]``, per-channel (``[out, 1]``)
-                    scale / zero point, spec ``spec.replace(bits=group_bits[g])``.
+    qweight:        the `MixedTensor` (codes, per-row per-group parameters, packed storage).
     group_salience: [G] ``S_g``; pairs: the ``k`` chosen; mean_bits: mean of ``group_bits``.
     objective:      [min(G // 2, max_pairs) + 1] float64 ``tr((W - Q_k) H (W - Q_k)^T)`` per ``k``.
     """
 
     group_bits: torch.Tensor
-    qweights: tuple
+    qweight: MixedTensor
     group_salience: torch.Tensor
     pairs: int
     mean_bits: float
@@ -72,9 +76,12 @@ class SlimWeight(NamedTuple):
 
 @register_state
 class SlimLLMState(NamedTuple):
-    """`SlimWeight` by linear name (relative to the block)."""
+    """`SlimWeight` (the search's record) by linear name (relative to the block), and the
+    `WeightsState` holding each linear's `MixedTensor`: the channel every rounder's quantized
+    weights go through (found by ``find_states(state, WeightsState)``)."""
 
     weights: dict
+    quantized: WeightsState
 
 
 def allocate_bits(salience: torch.Tensor, bits: int, pairs: int) -> torch.Tensor:
@@ -124,44 +131,73 @@ def _round_to(x, scale, zp, spec):
     return (c - zp if zp is not None else c) * scale
 
 
+def binarize_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(a [out, 1], mu [out, 1])`` of a 1-bit group ``x [out, g]``: ``mu = mean(x)``,
+    ``a = mean|x - mu|`` (module docstring, step 4)."""
+    mu = x.mean(1, keepdim=True)
+    return (x - mu).abs().mean(1, keepdim=True), mu
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
 def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSpec, group_bits: torch.Tensor,
-               group_size: int, sqc_grid: int = 1, dtype: torch.dtype | None = None) -> tuple[QTensor, ...]:
+               group_size: int, sqc_grid: int = 1, dtype: torch.dtype | None = None,
+               one_bit: str = "binarize") -> MixedTensor:
     """GPTQ sweep of ``w [out, in]`` (compute precision, dead columns zeroed) with the upper Cholesky
-    factor ``u`` of the damped inverse Hessian, group ``g`` rounded at ``group_bits[g]`` bits.
-    Returns one per-channel `QTensor` per group (codes of the error-compensated weights)."""
+    factor ``u`` of the damped inverse Hessian, group ``g`` rounded at ``group_bits[g]`` bits
+    (binarized at 1 bit; ``one_bit="grid"``, an ablation, rounds 1-bit groups to the spec's 1-bit
+    grid instead, ``{0, x}`` when asymmetric). Returns the `MixedTensor` of the error-compensated weights."""
+    if one_bit not in ("binarize", "grid"):
+        raise ValueError(f"one_bit={one_bit!r}; allowed: 'binarize' | 'grid'")
     w = w.clone()
+    out, n_in = w.shape
+    n_groups = n_in // group_size
     ratios = torch.linspace(1.0, 0.5, sqc_grid) if sqc_grid > 1 else torch.ones(1)
-    groups = []
-    for g, i1 in enumerate(range(0, w.shape[1], group_size)):
+    codes = torch.empty(out, n_in, dtype=torch.int16)
+    scales = torch.empty(out, n_groups, dtype=w.dtype)
+    means = torch.zeros(out, n_groups, dtype=w.dtype)
+    zps = torch.zeros(out, n_groups, dtype=torch.int32)
+    for g, i1 in enumerate(range(0, n_in, group_size)):
         i2 = i1 + group_size
-        gspec = _group_spec(spec, int(group_bits[g]))
+        b = int(group_bits[g])
+        binary = b == 1 and one_bit == "binarize"
         wb = w[:, i1:i2].clone()
         ub = u[i1:i2, i1:i2]
-        scale, zp = _fit_group(wb, gspec, h_diag[i1:i2], ratios)
-        codes = torch.empty_like(wb)
+        if binary:
+            scale, mu = binarize_params(wb)
+            zp, gspec = None, None
+            means[:, g] = mu[:, 0]
+        else:
+            gspec = _group_spec(spec, b)
+            scale, zp = _fit_group(wb, gspec, h_diag[i1:i2], ratios)
+            zps[:, g] = gspec.symmetric_zero if zp is None else zp[:, 0]
+        scales[:, g] = scale[:, 0]
         err = torch.zeros_like(wb)
         for j in range(group_size):
             col = wb[:, j:j + 1]
-            codes[:, j:j + 1] = _codes(col, scale, zp, gspec)
-            q = (codes[:, j:j + 1] - zp if zp is not None else codes[:, j:j + 1]) * scale
+            if binary:
+                c = _sign(col - mu)
+                q = mu + scale * c
+            else:
+                c = _codes(col, scale, zp, gspec)
+                q = (c - zp if zp is not None else c) * scale
+            codes[:, i1 + j:i1 + j + 1] = c.to(torch.int16)
             err[:, j:j + 1] = (col - q) / ub[j, j]
             wb[:, j:] -= err[:, j:j + 1] * ub[j:j + 1, j:]
         w[:, i2:] -= err @ u[i1:i2, i2:]
-        code_dtype = torch.uint8 if gspec.format == "uint" else torch.int8
-        groups.append(QTensor(codes.to(code_dtype), scale, None if zp is None else zero_point_in_domain(zp, gspec), gspec,
-                              dtype or w.dtype))
-    return tuple(groups)
-
-
-def dequantize_groups(qweights: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The full ``[out, in]`` weight of a tuple of per-group QTensors."""
-    return torch.cat([q.dequantize(dtype) for q in qweights], dim=1)
+    bits = group_bits.to(torch.int32)
+    if one_bit == "grid":  # stored as 2-bit groups: the 1-bit grid's codes and zero point fit there
+        bits = torch.where(bits == 1, 2, bits)
+    return MixedTensor(codes, bits, scales, zps, means, group_size, spec, dtype or w.dtype)
 
 
 def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bits: int, group_size: int,
-                      damp: float = 0.01, sqc_grid: int = 10, max_pairs: int | None = None) -> SlimWeight:
-    """SliM-LLM on one weight (see the module docstring). Pure; ValueError for a bad Hessian or a
-    ``group_size`` that does not divide ``in_features``."""
+                      damp: float = 0.01, sqc_grid: int = 10, max_pairs: int | None = None,
+                      one_bit: str = "binarize") -> SlimWeight:
+    """SliM-LLM on one weight (see the module docstring; ``one_bit`` as in `mixed_gptq`). Pure;
+    ValueError for a bad Hessian or a ``group_size`` that does not divide ``in_features``."""
     out, n_in = w.shape
     if n_in % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
@@ -174,12 +210,12 @@ def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bi
     best = None
     for k in range(k_max + 1):
         alloc = allocate_bits(salience, bits, k)
-        groups = mixed_gptq(w_c, u, torch.diag(h), spec, alloc, group_size, sqc_grid, dtype=w.dtype)
-        objective[k] = hessian_error(w_c, dequantize_groups(groups, w_c.dtype), h)
+        qw = mixed_gptq(w_c, u, torch.diag(h), spec, alloc, group_size, sqc_grid, dtype=w.dtype, one_bit=one_bit)
+        objective[k] = hessian_error(w_c, qw.dequantize(w_c.dtype), h)
         if best is None or objective[k] < objective[best[0]]:
-            best = (k, alloc, groups)
-    k, alloc, groups = best
-    return SlimWeight(group_bits=alloc, qweights=groups, group_salience=salience, pairs=k,
+            best = (k, alloc, qw)
+    k, alloc, qw = best
+    return SlimWeight(group_bits=alloc, qweight=qw, group_salience=salience, pairs=k,
                       mean_bits=float(alloc.double().mean()), group_size=group_size, objective=objective)
 
 
@@ -224,7 +260,8 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
     Groups of ``group_size`` input columns get ``bits - 1``, ``bits`` or ``bits + 1`` bits with
     mean exactly ``bits``; ``max_pairs`` caps the promoted/demoted pairs searched (None: all).
     ``params["<name>.weight"]`` becomes the dequantized result (same shape and dtype);
-    `SlimLLMState.weights[name]` holds the `SlimWeight`. See the module docstring.
+    `SlimLLMState.weights[name]` holds the `SlimWeight` and ``SlimLLMState.quantized`` the
+    `WeightsState` of the `MixedTensor` s. See the module docstring.
     """
     _check_int("bits", bits, 2, 7)
     _check_int("group_size", group_size, 1)
@@ -235,7 +272,7 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
         raise ValueError(f"slim_llm: damp={damp!r}; allowed: a finite number > 0")
 
     def update(view: BlockView, state: SlimLLMState):
-        results, updates = {}, {}
+        results, updates, qweights = {}, {}, {}
         for name, spec in quantizable(view, "slim_llm"):
             _check_spec(view, name, spec, bits, group_size)
             hessian = hessian_of(view, name, "slim_llm")
@@ -246,8 +283,9 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
                                        sqc_grid=sqc_grid, max_pairs=max_pairs)
             except ValueError as err:
                 fail("slim_llm", view, name, str(err), "increase damp or recalibrate with more tokens")
-            results[name] = sw
-            updates[f"{name}.weight"] = dequantize_groups(sw.qweights, w.dtype)
-        return view.with_params(updates), SlimLLMState({**state.weights, **results})
+            results[name], qweights[name] = sw, sw.qweight
+            updates[f"{name}.weight"] = sw.qweight.dequantize(w.dtype)
+        return view.with_params(updates), SlimLLMState({**state.weights, **results},
+                                                       WeightsState({**state.quantized.qweights, **qweights}))
 
-    return QTransform(lambda view: SlimLLMState({}), update)
+    return QTransform(lambda view: SlimLLMState({}, WeightsState({})), update)

@@ -140,8 +140,9 @@ def test_refusals_name_the_layer_and_write_nothing(tmp_path):
                format="compressed-tensors")
     cases = [("w8a8", "qwen2", r"q_proj: static activation scales"),
              ("w4a8", "qwen2", r"q_proj: W4A8"),
-             ("billm", "qwen2", r"q_proj: has no integer weight codes"),
-             ("slim-llm", "qwen2", r"q_proj: has no integer weight codes")]
+             ("billm", "qwen2", r"q_proj: BiLLM binarized weights have no compressed-tensors integer scheme"),
+             ("slim-llm", "qwen2", r"q_proj: SliM-LLM mixed-precision \(1-3 bit groups\) weights have no "
+                                   r"compressed-tensors integer scheme")]
     for recipe, family, message in cases:
         with pytest.raises(LoweringError, match=message):
             export(quantized(recipe, family=family), tmp_path / recipe, format="compressed-tensors")

@@ -152,8 +152,12 @@ def test_bad_input_is_refused_before_any_work():
         lower(tiny_model(configs()["llama"]))
     billm = quantized("llama", "billm")
     before = {k: v.clone() for k, v in billm.state_dict().items()}
-    with pytest.raises(LoweringError, match=r"model\.layers\.0\.self_attn\.q_proj: .*BiLLM"):
+    with pytest.raises(LoweringError, match=r"model\.layers\.0\.self_attn\.q_proj: BiLLM binarized weights have "
+                                            r"no Ascend integer kernel"):
         lower(billm)
+    with pytest.raises(LoweringError, match=r"q_proj: SliM-LLM mixed-precision \(1-3 bit groups\) weights have no "
+                                            r"Ascend integer kernel"):
+        lower(quantized("llama", "slim-llm"))
     assert all(torch.equal(before[k], v) for k, v in billm.state_dict().items())
 
 

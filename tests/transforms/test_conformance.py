@@ -7,6 +7,8 @@ linears, tr((W - Q) H (W - Q)^T)) is no worse than RTN with the same spec.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,8 +77,8 @@ def _same(a, b) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if hasattr(a, "codes") and hasattr(a, "scale"):  # QTensor
-        return a.spec == b.spec and _same([a.codes, a.scale, a.zero_point], [b.codes, b.scale, b.zero_point])
+    if dataclasses.is_dataclass(a):  # QTensor, BiLLMTensor, MixedTensor
+        return type(a) is type(b) and all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     return a == b
 
 

@@ -2,6 +2,7 @@
 calibration objective, layer errors, and the transform contracts."""
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -23,7 +24,6 @@ from qnpu.transforms import (
 from qnpu.transforms.billm import inverse_hessian_cholesky
 from qnpu.transforms.slim_llm import (
     allocate_bits,
-    dequantize_groups,
     mixed_gptq,
     slim_llm,
     slim_llm_quantize,
@@ -39,11 +39,11 @@ def same(a, b) -> bool:
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if hasattr(a, "codes") and hasattr(a, "scale"):
-        return a.spec == b.spec and a.dtype == b.dtype and same([a.codes, a.scale, a.zero_point],
-                                                                [b.codes, b.scale, b.zero_point])
     return a == b
 
 
@@ -79,11 +79,16 @@ def test_mean_bits_code_ranges_and_never_worse_than_uniform(seed, out, groups, g
     assert sw.group_bits.shape == (groups,) and int(sw.group_bits.sum()) == bits * groups
     assert sw.mean_bits == bits
     assert set(sw.group_bits.tolist()) <= {bits - 1, bits, bits + 1}
-    for b, q in zip(sw.group_bits.tolist(), sw.qweights):
-        assert q.spec.bits == b and q.spec.format == spec.format and q.spec.symmetric == spec.symmetric
-        assert q.shape == (out, group_size)
-        assert int(q.codes.min()) >= q.spec.qmin and int(q.codes.max()) <= q.spec.qmax
-    q = dequantize_groups(sw.qweights)
+    mt = sw.qweight
+    assert torch.equal(mt.group_bits, sw.group_bits) and mt.spec == spec and mt.group_size == group_size
+    for g, b in enumerate(sw.group_bits.tolist()):
+        codes = mt.codes[:, g * group_size:(g + 1) * group_size]
+        if b == 1:
+            assert set(codes.unique().tolist()) <= {-1, 1}
+        else:
+            gspec = spec.replace(bits=b)
+            assert int(codes.min()) >= gspec.qmin and int(codes.max()) <= gspec.qmax
+    q = mt.dequantize()
     assert q.shape == w.shape and q.dtype == w.dtype
     assert sw.objective.shape == (groups // 2 + 1,)
     assert float(sw.objective[sw.pairs]) == float(sw.objective.min())
@@ -91,7 +96,7 @@ def test_mean_bits_code_ranges_and_never_worse_than_uniform(seed, out, groups, g
     # the uniform allocation through the same sweep, computed independently
     w_c, u = inverse_hessian_cholesky(w, h, 0.01)
     uniform = mixed_gptq(w_c, u, torch.diag(h), spec, torch.full((groups,), bits), group_size, sqc)
-    base = h_error(w, dequantize_groups(uniform), h)
+    base = h_error(w, uniform.dequantize(), h)
     assert base == pytest.approx(float(sw.objective[0]), rel=1e-9, abs=1e-12)
     assert h_error(w, q, h) <= base * (1 + 1e-9) + 1e-12
 
@@ -142,8 +147,9 @@ def test_view_level_quantizes_every_linear_at_the_budget(view, result):
     for name, sw in sws.items():
         w, q = view.weight(name), new.weight(name)
         assert q.shape == w.shape and q.dtype == w.dtype
-        assert torch.equal(q, dequantize_groups(sw.qweights, w.dtype))
-        assert len(sw.qweights) == w.shape[1] // 32 and sw.mean_bits == 2.0
+        assert torch.equal(q, sw.qweight.dequantize(w.dtype))
+        assert state.states[-1].quantized.qweights[name] is sw.qweight
+        assert sw.qweight.group_bits.numel() == w.shape[1] // 32 and sw.mean_bits == 2.0
         h = view.stats[name].hessian
         assert h_error(w, q, h) <= float(sw.objective[0]) * (1 + 1e-9)
         total += h_error(w, q, h)
@@ -172,7 +178,7 @@ def test_keeps_low_precision_dtypes():
     for key, t in v.params.items():
         assert new.params[key].dtype == torch.bfloat16 and new.params[key].shape == t.shape
     sw = state.states[-1].weights["mlp.down_proj"]
-    assert sw.mean_bits == 3.0 and torch.equal(new.weight("mlp.down_proj"), dequantize_groups(sw.qweights))
+    assert sw.mean_bits == 3.0 and torch.equal(new.weight("mlp.down_proj"), sw.qweight.dequantize())
 
 
 def test_group_size_not_dividing_in_features_names_layer_and_fix(view):
@@ -215,3 +221,37 @@ def test_recipe_round_trip():
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         slim_llm(**kwargs)
+
+
+def test_one_bit_groups_are_binarized_around_the_row_mean():
+    """Without error feedback (H = I makes U diagonal) each 1-bit group row is exactly
+    ``mu + a sign(w - mu)``, ``mu`` its mean and ``a = mean|w - mu|``: two values per row."""
+    w, _ = problem(11, 6, 24)
+    w_c, u = inverse_hessian_cholesky(w, torch.eye(24), 0.01)
+    bits = torch.tensor([1, 3, 1], dtype=torch.int32)
+    mt = mixed_gptq(w_c, u, torch.ones(24), U2, bits, 8)
+    q = mt.dequantize()
+    for g in (0, 2):
+        x = w_c[:, g * 8:(g + 1) * 8]
+        mu = x.mean(1, keepdim=True)
+        a = (x - mu).abs().mean(1, keepdim=True)
+        torch.testing.assert_close(q[:, g * 8:(g + 1) * 8], mu + a * torch.where(x >= mu, 1.0, -1.0),
+                                   rtol=1e-6, atol=1e-7)
+        assert all(len(row.unique()) == 2 for row in q[:, g * 8:(g + 1) * 8])
+        assert set(mt.codes[:, g * 8:(g + 1) * 8].unique().tolist()) == {-1, 1}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_binarized_one_bit_groups_beat_the_one_bit_grid(seed):
+    """On every linear of a random block, with half the groups at 1 bit, the calibration objective
+    tr((W - Q) H (W - Q)^T) is lower binarized than on the asymmetric {0, x} 1-bit grid."""
+    v = random_block(seed)
+    for name in v.structure.linears:
+        w, h = v.weight(name), v.stats[name].hessian
+        w_c, u = inverse_hessian_cholesky(w, h, 0.01)
+        n_groups = w.shape[1] // 32
+        sal = ((w_c ** 2).sum(0) / torch.diag(u) ** 2).reshape(n_groups, 32).sum(1)
+        alloc = allocate_bits(sal, 2, n_groups // 2)
+        err = {mode: h_error(w, mixed_gptq(w_c, u, torch.diag(h), U2, alloc, 32, one_bit=mode).dequantize(), h)
+               for mode in ("binarize", "grid")}
+        assert err["binarize"] < err["grid"], name

@@ -25,6 +25,7 @@ from .assertions import (
     error_bound,
 )
 from .blocks import block_views, random_block
+from .layers import mixed_layer
 from .profiles import register_profiles
 from .strategies import WEIGHT_KINDS, activations, qspecs, quantization_cases, shapes, tensors, weights
 
@@ -32,5 +33,5 @@ __all__ = [
     "WEIGHT_KINDS", "activations", "qspecs", "quantization_cases", "shapes", "tensors", "weights",
     "assert_codes_in_range", "assert_error_within_step", "assert_requantize_exact",
     "assert_sqnr_at_least", "assert_relative_output_error_at_most", "error_bound",
-    "register_profiles", "random_block", "block_views",
+    "register_profiles", "random_block", "block_views", "mixed_layer",
 ]

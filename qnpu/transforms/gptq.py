@@ -393,8 +393,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_
     ``dead_columns``, ``obs_loss`` (``tr((W - Q) (H + lambda I) (W - Q)^T)`` with dead columns
     of ``W`` zeroed) and ``groups``, the grid used: ``"static"`` / ``"dynamic"`` groups (module
     docstring), ``"whole-weight"`` (per-channel / per-tensor) or ``"given"`` (``qparams``). Math in
-    the module docstring. Raises `TransformError` naming ``label`` for binary / dynamic specs, NaN/Inf in ``w`` or ``hessian``, a Hessian whose every column is dead
-    (a RuntimeWarning names the dead columns when only some are) and a Hessian that no dampening fixes.
+    the module docstring. Raises `TransformError` naming ``label`` for binary / dynamic specs,
+    NaN/Inf in ``w`` or ``hessian``, a Hessian whose every column is dead (a RuntimeWarning names the dead columns when only some are) and a Hessian that no dampening fixes.
     Inputs are never modified; float32 math (float64 for a float64 ``w``).
     """
     return sweep(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,

@@ -73,7 +73,7 @@ _RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
     "w4a16-gptq": ("int4 symmetric weights, GPTQ (act-order; groups: static)",
                    lambda g: chain(quant_specs(weight=_w(4, g)), gptq())),
     "w4a16-awq": ("int4 symmetric weights, AWQ scales (q/k/v scored by the attention output, gate/up by the MLP "
-                  "output) + clipping (not q/k), then RTN",
+                  "output) + clipping, then RTN",
                   lambda g: chain(quant_specs(weight=_w(4, g)), awq(), rtn())),
     "w4a16-gptaq": ("int4 symmetric weights, GPTAQ (asymmetric calibration against the float path)",
                     lambda g: chain(quant_specs(weight=_w(4, g)), gptaq())),

@@ -151,11 +151,9 @@ def test_clip_search_never_worse_than_minmax_on_output_error(x, seed, spec):
 
 def test_rtn_rounds_with_the_clipped_qparams():
     view = random_block(2, num_kv_heads=1)
-    clipped, _ = _awq(view, W3_ASYM, grid=4)
+    clipped, _ = _awq(view, W3_ASYM, grid=4, clip_qk=True)
     _, rs = _run(rtn(), clipped)
     for name, q in rs.qweights.items():
-        if name in (view.structure.q, view.structure.k):
-            continue  # not clipped: rounded on min-max
         scale, zp = clipped.specs[name].weight_qparams
         assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zp)
 
@@ -230,7 +228,7 @@ def test_module_score_equals_the_attention_and_mlp_output_error(view, spec, seed
 @settings(max_examples=8)
 def test_norm_pairs_pick_the_alpha_minimizing_the_module_output_error(view, spec):
     grid = 5
-    _, state = _awq(view, spec, grid=grid, clip=False)
+    _, state = _awq(view, spec, grid=grid, clip=False, score="module")
     st_ = view.structure
     for norm, consumers in st_.norm_pairs:
         m = salience(view, consumers[0])
@@ -319,7 +317,7 @@ def test_errors_name_awq_the_layer_and_the_fix():
     no_inputs = view._replace(inputs=None)
     with pytest.raises(TransformError, match=r"awq: layer model\.layers\.0\.self_attn\.q_proj: .*view\.inputs is None.*"
                                              r"score='layers'"):
-        _awq(no_inputs)
+        _awq(no_inputs, score="module")
     _awq(no_inputs, score="layers", grid=2, clip=False)  # reads no block inputs
 
 

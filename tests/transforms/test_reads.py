@@ -60,7 +60,7 @@ def test_leaf_declarations():
     assert reads_of(gptaq()) == {"hessian", "float_path"}
     assert reads_of(awq(score="layers")) == reads_of(activation_scales()) == reads_of(smoothquant()) == \
         {"activations"}
-    assert reads_of(awq()) == {"activations", "block_inputs"}  # q/k/v scored by the attention output
+    assert reads_of(awq(score="module")) == {"activations", "block_inputs"}  # q/k/v scored by the attention output
     assert reads_of(smoothquant(search=True)) == {"activations", "block_inputs"}
     # a static activation spec's scales come from calibration (activation_scales or the engine)
     assert reads_of(quant_specs(weight=W8, activation=A8S)) == {"activations"}
@@ -127,7 +127,8 @@ EXAMPLES = {
     "percentile_scales": [chain(quant_specs(weight=W3G), percentile_scales(), rtn())],
     "mse_scale_search": [chain(quant_specs(weight=W3G), mse_scale_search(), rtn()),
                          chain(quant_specs(weight=W3G), mse_scale_search(weighted=True), rtn())],
-    "awq": [chain(quant_specs(weight=W3G), awq(), rtn()), chain(quant_specs(weight=W3G), awq(score="layers"), rtn())],
+    "awq": [chain(quant_specs(weight=W3G), awq(score="module"), rtn()),
+            chain(quant_specs(weight=W3G), awq(score="layers", clip_qk=False), rtn())],
     "smoothquant": [chain(quant_specs(weight=W4, activation=A8D), smoothquant(0.8), rtn()),
                     chain(quant_specs(weight=W4, activation=A8D), smoothquant(search=True, pairs="all"), rtn())],
     "activation_scales": [chain(quant_specs(weight=W8, activation=A8S), activation_scales(), rtn())],

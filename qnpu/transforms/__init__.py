@@ -31,7 +31,7 @@ from . import recipes
 from .activations import ActivationState, activation_scales
 from .awq import AWQState, awq
 from .billm import billm
-from .block import block_forward, rms_norm, rope
+from .block import attention_output, block_forward, mlp_output, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .gptaq import gptaq, gptaq_quantize
 from .gptq import gptq, gptq_quantize
@@ -54,5 +54,5 @@ __all__ = [
     "billm", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",
     "hadamard_rotation", "RotationState", "rotate_edges", "rotation_matrix",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",
-    "block_forward", "rms_norm", "rope", "block_stats", "linear_stats",
+    "block_forward", "attention_output", "mlp_output", "rms_norm", "rope", "block_stats", "linear_stats",
 ]

@@ -7,9 +7,21 @@ into the producer of that activation for free::
 
     X W^T = (X diag(1/s)) (W diag(s))^T,   s_j = mean_n |X[n, j]|^alpha / sqrt(max(s^a) min(s^a))
 
-Per smoothing pair (producer -> consumers) of the block, ``alpha`` is chosen on a grid in
-``[0, 1)`` by the consumers' output error on the calibration tokens with round-to-nearest under
-each consumer's weight spec::
+The salience statistic is the mean magnitude of each input channel over the calibration tokens,
+``mean_n |X[n, j]|`` (the paper's Sec. 3.2; not the max, not the weight's magnitude). Per
+smoothing pair (producer -> consumers) of the block, ``alpha`` is chosen on a grid in ``[0, 1)``
+by an output error with round-to-nearest under each consumer's weight spec. With
+``score="module"`` (the default, as the reference implementation llm-awq scores its scales) the
+norm pairs are scored by the whole module that reads them: q/k/v by the self-attention output
+(q/k/v replaced by ``Q(W_c diag(s)) diag(1/s)``, o in float, on the block's input sequences
+``view.inputs`` through the RMSNorm, RoPE and causal attention; `attention_output`) and gate/up by
+the MLP output (down in float, on gate's token sample; `mlp_output`)::
+
+    E(alpha) = || M(X) - M_s(X) ||_F^2      (M the float module, M_s with the scaled, rounded consumers)
+
+so the attention scores and the SiLU gating weigh each consumer's error by what reaches the
+residual stream. The linear pairs, and every pair with ``score="layers"``, use the consumers'
+own output errors on their tokens::
 
     E(alpha) = sum_c || X W_c^T - (X / s) Q(W_c diag(s))^T ||_F^2
 
@@ -27,17 +39,22 @@ every o column ``(h, d)`` with ``h // group == c``.
 
 Then (``clip=True``, AWQ's weight clipping) each quantizable target gets, per slice (output row
 or group), the clip ratio minimizing its output error on the tokens, stored as ``weight_qparams``
-for the rounder that follows (`rtn`, `gptq`).
+for the rounder that follows (`rtn`, `gptq`), q and k included. llm-awq leaves q and k unclipped
+(their own output error is not what attention sees); ``clip_qk=False`` does that. On the default
+model at W4 per channel (``benchmarks/results/awq_score.md``, one calibration seed) the module
+score lowered docs / code perplexity from 20.24 / 10.52 to 19.72 / 10.19 and leaving q/k unclipped
+raised it to 20.48 / 11.26, hence the defaults ``score="module"``, ``clip_qk=True``.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
 from qnpu.qcore import QSpec, fake_quantize
 
 from .base import QTransform, register_state, register_transform
+from .block import attention_output, mlp_output, rms_norm
 from .rounding import checked_weight, quantizable
 from .scale_search import (
     CHUNK_ELEMENTS,
@@ -78,19 +95,39 @@ def scaled_output_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, spec:
     return (ref - (x / s) @ q.T).square().sum()
 
 
-def search_scales(x_mean: torch.Tensor, consumers: list[tuple[torch.Tensor, torch.Tensor, QSpec]],
+def layer_score(consumers: list[tuple[torch.Tensor, torch.Tensor, QSpec]]) -> Callable[[torch.Tensor], float]:
+    """``sc -> sum_c scaled_output_error(w_c, x_c, sc, spec_c)`` over the ``(w, x, spec)`` consumers
+    (``sc`` over their input columns)."""
+    refs = [x @ w.T for w, x, _ in consumers]
+    return lambda sc: sum(float(scaled_output_error(w, x, sc, spec, ref)) for (w, x, spec), ref in zip(consumers, refs))
+
+
+def module_score(module: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], params: Mapping[str, torch.Tensor],
+                 consumers: list[tuple[str, QSpec]]) -> Callable[[torch.Tensor], float]:
+    """``sc -> ||module(params) - module(params_s)||_F^2`` with ``params_s`` holding each consumer's
+    weight as ``Q(W diag(sc)) diag(1/sc)`` (its scaled, rounded weight with the scale undone on
+    the input side, the same product as ``(X / sc) Q(W diag(sc))^T``); ``module`` maps params to
+    the module's output on fixed inputs (`attention_output`, `mlp_output`)."""
+    ref = module(params)
+
+    def score(sc: torch.Tensor) -> float:
+        scaled = {f"{c}.weight": fake_quantize(params[f"{c}.weight"] * sc, spec) / sc for c, spec in consumers}
+        return float((ref - module({**params, **scaled})).square().sum())
+
+    return score
+
+
+def search_scales(x_mean: torch.Tensor, score: Callable[[torch.Tensor], float],
                   expand: Callable[[torch.Tensor], torch.Tensor], grid: int) -> tuple[torch.Tensor, float, float]:
     """AWQ's alpha grid search: ``alpha in {0, 1/grid, ..., (grid-1)/grid}``, ``s = activation_scales``
-    over the producer's channels, ``expand(s)`` over the consumers' input columns, and the summed
-    `scaled_output_error` of the ``(w, x, spec)`` consumers. Returns ``(s, alpha, error)``; on ties the
+    over the producer's channels and ``score(expand(s))`` (`layer_score`, `module_score`) with
+    ``expand`` onto the consumers' input columns. Returns ``(s, alpha, error)``; on ties the
     smaller alpha wins."""
-    refs = [x @ w.T for w, x, _ in consumers]
     best = None
     for i in range(grid):
         alpha = i / grid
         s = activation_scales(x_mean, alpha)
-        sc = expand(s)
-        err = sum(float(scaled_output_error(w, x, sc, spec, ref)) for (w, x, spec), ref in zip(consumers, refs))
+        err = score(expand(s))
         if best is None or err < best[2]:
             best = (s, alpha, err)
     return best
@@ -151,14 +188,53 @@ def _tokens(view: BlockView, stats: dict, name: str, max_tokens: int) -> torch.T
     return st.tokens[:max_tokens]
 
 
+def _module_params(view: BlockView, names, cdt) -> dict:
+    keys = [f"{n}.{kind}" for n in names if n for kind in ("weight", "bias")]
+    return {k: view.params[k].to(cdt) for k in keys if k in view.params}
+
+
+def pair_score(view: BlockView, producer: str, consumers: tuple[str, ...], *, score: str = "module",
+               max_tokens: int = 2048) -> Callable[[torch.Tensor], float]:
+    """The objective of one pair's alpha search on ``view`` (module docstring), as a function of the
+    consumers' input-column scales: with ``score="module"`` the self-attention output error for the
+    attention norm's pair (``view.inputs``, ``max_tokens // seq_len`` sequences, at least one) and
+    the MLP output error for the MLP norm's (gate's first ``max_tokens`` token rows); otherwise, and
+    for the linear pairs, the consumers' own output errors on their first ``max_tokens`` token rows."""
+    st = view.structure
+    cdt = compute_dtype(view.weight(consumers[0]))
+    specs = [(c, view.specs[c].weight) for c in consumers]
+    xs = [_tokens(view, view.stats, c, max_tokens).to(cdt) for c in consumers]
+    if score == "module" and producer == st.attn_norm:
+        if view.inputs is None:
+            fail("awq", view, consumers[0], "score='module' scores q/k/v by the self-attention output on the "
+                 "block's input sequences, and view.inputs is None", "calibrate with block inputs "
+                 "(make_view(inputs=...) / the calibration engine), or use awq(score='layers')")
+        x = view.inputs[: max(1, max_tokens // view.inputs.shape[1])].to(cdt)
+        n1 = rms_norm(x, view.params[f"{producer}.weight"].to(cdt), st.norm_eps)
+        names = (st.q, st.k, st.v, st.o, st.q_norm, st.k_norm)
+        return module_score(lambda p: attention_output(p, st, n1, online_hadamard=view.online_hadamard),
+                            _module_params(view, names, cdt), specs)
+    if score == "module" and producer == st.mlp_norm:
+        return module_score(lambda p: mlp_output(p, st, xs[0], online_hadamard=view.online_hadamard),
+                            _module_params(view, (st.gate, st.up, st.down), cdt), specs)
+    return layer_score([(view.weight(c).to(cdt), x, spec) for (c, spec), x in zip(specs, xs)])
+
+
 def _check_int(name: str, value, lowest: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
         raise ValueError(f"awq: {name}={value!r} is invalid; allowed: an int >= {lowest}")
 
 
-@register_transform("awq", reads={"activations"})
+SCORES = ("module", "layers")
+
+
+def _reads(score: str, **_) -> set:
+    return {"activations"} | ({"block_inputs"} if score == "module" else set())
+
+
+@register_transform("awq", reads=_reads)
 def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float = 0.5,
-        max_tokens: int = 2048) -> QTransform:
+        max_tokens: int = 2048, score: str = "module", clip_qk: bool = True) -> QTransform:
     """AWQ scaling (and clipping) of the block's smoothing pairs; see the module docstring.
 
     A pair is processed when all its consumers are targets and none of them reads its input through
@@ -168,12 +244,13 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
     in float terms the same function). A pair whose RMSNorm has no weight in ``params`` is skipped
     (creating one would add a parameter the model does not have). Consumers' stats are rescaled to
     match their new inputs (`scale_stats`). ``grid``: number of alphas; ``clip_grid`` ratios in
-    ``[min_clip, 1]``; ``max_tokens``: token rows used by both searches.
+    ``[min_clip, 1]``; ``max_tokens``: token rows used by both searches (and the block input
+    sequences, ``max_tokens // seq_len`` of them, at least one, for the attention score).
+    ``score``: ``"module"`` (norm pairs scored by the attention / MLP output, as llm-awq) or
+    ``"layers"`` (every pair by its consumers' own outputs; reads no block inputs).
 
-    Clipping covers every target with a uniform weight spec, q and k included (the reference
-    implementation leaves q/k unclipped because their output error is not what attention sees;
-    here each clip can only lower its own layer's output error on the tokens). Binary specs are
-    not clipped.
+    Clipping covers every target with a uniform weight spec (``clip_qk=False``: all but q and k,
+    as llm-awq). Binary specs are not clipped.
     """
     _check_int("grid", grid, 1)
     _check_int("clip_grid", clip_grid, 2)
@@ -182,6 +259,10 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
         raise ValueError(f"awq: clip={clip!r} is invalid; allowed: True | False")
     if isinstance(min_clip, bool) or not isinstance(min_clip, (int, float)) or not 0 < min_clip <= 1:
         raise ValueError(f"awq: min_clip={min_clip!r} is invalid; allowed: a number in (0, 1]")
+    if score not in SCORES:
+        raise ValueError(f"awq: score={score!r} is invalid; allowed: {' | '.join(SCORES)}")
+    if not isinstance(clip_qk, bool):
+        raise ValueError(f"awq: clip_qk={clip_qk!r} is invalid; allowed: True | False")
 
     def update(view: BlockView, state: AWQState):
         quantizable(view, "awq")  # a recipe without weight specs is wrong: say so first
@@ -211,9 +292,10 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
             xs = [_tokens(view, stats, c, max_tokens).to(cdt) for c in consumers]
             n_prod = param(p_key).shape[0]
             expand, collapse = _channel_maps(view, producer, n_prod, ws[0].shape[1])
-            x_mean = collapse(xs[0].abs().mean(0))
-            s, alpha, _ = search_scales(x_mean, [(w.to(cdt), x, view.specs[c].weight)
-                                                 for w, x, c in zip(ws, xs, consumers)], expand, grid)
+            x_mean = collapse(xs[0].abs().mean(0))  # the salience statistic: mean |x| per channel
+            objective = pair_score(view.with_params(params).with_stats(stats), producer, consumers, score=score,
+                                   max_tokens=max_tokens)
+            s, alpha, _ = search_scales(x_mean, objective, expand, grid)
             sc = expand(s)
             for c, w in zip(consumers, ws):
                 params[f"{c}.weight"] = (w.to(cdt) * sc).to(w.dtype)
@@ -231,8 +313,8 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
             ratios = candidate_ratios(clip_grid, float(min_clip))
             specs = {}
             for name, spec in quantizable(view, "awq"):
-                if spec.format == "binary":
-                    continue  # sign codes have no range to clip
+                if spec.format == "binary" or (not clip_qk and name in (st.q, st.k)):
+                    continue  # sign codes have no range to clip; q/k: module docstring
                 if (spec.granularity == "channel" and spec.axis not in (0, -2)) or \
                         (spec.granularity == "group" and spec.axis not in (1, -1)):
                     fail("awq", view, name, f"clipping needs a per-channel (axis=0) or per-group (axis=-1) "

@@ -38,6 +38,54 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def _linear_of(params: Mapping[str, torch.Tensor], act_specs: Mapping[str, QSpec],
+               online_hadamard: tuple[str, ...], capture: dict | None):
+    def linear(name: str, inp: torch.Tensor) -> torch.Tensor:
+        if name in online_hadamard:
+            inp = hadamard_transform(inp)
+        if capture is not None:
+            capture[name] = inp
+        if name in act_specs:
+            inp = fake_quantize(inp, act_specs[name])
+        return F.linear(inp, params[f"{name}.weight"], params.get(f"{name}.bias"))
+
+    return linear
+
+
+def _attention(linear, params: Mapping[str, torch.Tensor], s: BlockStructure, n1: torch.Tensor) -> torch.Tensor:
+    b, t, _ = n1.shape
+    hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
+    q = linear(s.q, n1).view(b, t, nh, hd).transpose(1, 2)
+    k = linear(s.k, n1).view(b, t, nkv, hd).transpose(1, 2)
+    v = linear(s.v, n1).view(b, t, nkv, hd).transpose(1, 2)
+    if s.q_norm:
+        q = rms_norm(q, params[f"{s.q_norm}.weight"], s.norm_eps)
+        k = rms_norm(k, params[f"{s.k_norm}.weight"], s.norm_eps)
+    q, k = rope(q, s.rope_theta), rope(k, s.rope_theta)
+    group = nh // nkv
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return linear(s.o, attn.transpose(1, 2).reshape(b, t, nh * hd))
+
+
+def _mlp(linear, s: BlockStructure, n2: torch.Tensor) -> torch.Tensor:
+    return linear(s.down, F.silu(linear(s.gate, n2)) * linear(s.up, n2))
+
+
+def attention_output(params: Mapping[str, torch.Tensor], s: BlockStructure, n1: torch.Tensor, *,
+                     online_hadamard: tuple[str, ...] = ()) -> torch.Tensor:
+    """The self-attention module on its normalized input ``n1 [b, t, hidden]`` (sequences, positions
+    0..t-1): ``o(attn(rope(q n1), rope(k n1), v n1))``, o_proj's output before the residual add."""
+    return _attention(_linear_of(params, {}, online_hadamard, None), params, s, n1)
+
+
+def mlp_output(params: Mapping[str, torch.Tensor], s: BlockStructure, n2: torch.Tensor, *,
+               online_hadamard: tuple[str, ...] = ()) -> torch.Tensor:
+    """The MLP module on its normalized input ``n2 [..., hidden]`` (rows are independent):
+    ``down(silu(gate n2) * up n2)``, before the residual add."""
+    return _mlp(_linear_of(params, {}, online_hadamard, None), s, n2)
+
+
 def block_forward(
     params: Mapping[str, torch.Tensor],
     s: BlockStructure,
@@ -55,30 +103,6 @@ def block_forward(
                      time (QuaRot's online rotation, Ashkboos et al. 2024).
     capture:         if a dict, receives each linear's input as fed to its weight.
     """
-    act_specs = act_specs or {}
-
-    def linear(name: str, inp: torch.Tensor) -> torch.Tensor:
-        if name in online_hadamard:
-            inp = hadamard_transform(inp)
-        if capture is not None:
-            capture[name] = inp
-        if name in act_specs:
-            inp = fake_quantize(inp, act_specs[name])
-        return F.linear(inp, params[f"{name}.weight"], params.get(f"{name}.bias"))
-
-    b, t, _ = x.shape
-    hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
-    n1 = rms_norm(x, params.get(f"{s.attn_norm}.weight"), s.norm_eps)
-    q = linear(s.q, n1).view(b, t, nh, hd).transpose(1, 2)
-    k = linear(s.k, n1).view(b, t, nkv, hd).transpose(1, 2)
-    v = linear(s.v, n1).view(b, t, nkv, hd).transpose(1, 2)
-    if s.q_norm:
-        q = rms_norm(q, params[f"{s.q_norm}.weight"], s.norm_eps)
-        k = rms_norm(k, params[f"{s.k_norm}.weight"], s.norm_eps)
-    q, k = rope(q, s.rope_theta), rope(k, s.rope_theta)
-    group = nh // nkv
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    h = x + linear(s.o, attn.transpose(1, 2).reshape(b, t, nh * hd))
-    n2 = rms_norm(h, params.get(f"{s.mlp_norm}.weight"), s.norm_eps)
-    return h + linear(s.down, F.silu(linear(s.gate, n2)) * linear(s.up, n2))
+    linear = _linear_of(params, act_specs or {}, online_hadamard, capture)
+    h = x + _attention(linear, params, s, rms_norm(x, params.get(f"{s.attn_norm}.weight"), s.norm_eps))
+    return h + _mlp(linear, s, rms_norm(h, params.get(f"{s.mlp_norm}.weight"), s.norm_eps))

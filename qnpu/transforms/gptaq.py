@@ -50,7 +50,7 @@ def _check_alpha(alpha) -> None:
 
 def gptaq_quantize(w: torch.Tensor, hessian: torch.Tensor, fp_cross: torch.Tensor | None, spec: QSpec, *,
                    block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                   static_groups: bool = False, alpha: float = 0.25, qparams: tuple | None = None,
+                   static_groups: bool = True, alpha: float = 0.25, qparams: tuple | None = None,
                    label: str = "layer") -> tuple[QTensor, dict]:
     """GPTAQ-round ``w [out, in]`` given ``hessian = X^T X / n`` and ``fp_cross = (X_fp - X)^T X / n``
     (both [in, in]; ``fp_cross=None`` gives exactly `gptq_quantize`). Options, qparams, errors and
@@ -62,7 +62,7 @@ def gptaq_quantize(w: torch.Tensor, hessian: torch.Tensor, fp_cross: torch.Tenso
 
 
 @register_transform("gptaq", reads={"hessian", "float_path"})
-def gptaq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = False,
+def gptaq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
           alpha: float = 0.25) -> QTransform:
     """GPTAQ (Li et al. 2025) on every target with a weight spec, from ``view.stats[name].hessian``
     and ``.fp_cross`` (None: plain GPTQ); see `gptaq_quantize`. State: `WeightsState`."""

@@ -21,11 +21,19 @@ refused); ``lambda = damp * mean(diag H)`` is added to the diagonal, and if a Ch
 factorization still fails the dampening is multiplied by 10 (a warning names the layer) up to
 `MAX_DAMP_RETRIES` times. ``act_order`` sweeps columns by descending ``H_jj`` and restores the
 order at the end. Qparams: per-channel / per-tensor from the whole weight before the sweep;
-per-group either when the sweep first reaches a column of the group, from the group's current
-(already error-updated) weights (the paper's choice, generalized to act_order), or with
-``static_groups`` from the weight before the sweep; a ``qparams`` argument (a scale search's
-result) fixes the grid instead. The sum of ``err_j^2`` equals ``tr((W - Q) (H + lambda I) (W - Q)^T)``
-(returned as ``info["obs_loss"]``), the identity the tests check.
+per-group, by default (``static_groups=True``, the ``static_groups`` option of AutoGPTQ /
+GPTQModel), from each group of consecutive input columns of the weight before the sweep, so that
+the permuted sweep rounds every column on its own group's grid; with ``static_groups=False``, when
+the sweep first reaches a column of the group, from the group's current (already error-updated)
+weights (the paper's choice in natural order). Under act_order that fixes a group's grid at the
+first of its columns the sweep reaches, before most of them received their updates. On random
+layers (``benchmarks/gptq_groups.py``) the dynamic grids are 1.006-1.008x (no outlier channels)
+and 1.31-1.33x (outlier channels) worse on the layer objective at 2 bits, groups of 64 / 128,
+1.29-1.69x in natural order; they win on average only under act_order at 3-4 bits, by 0.2-0.8%,
+which is why the option stays. A ``qparams`` argument (a scale search's result) fixes the grid
+instead; ``info["groups"]`` records which grid was used. The sum of ``err_j^2`` equals
+``tr((W - Q) (H + lambda I) (W - Q)^T)`` (returned as ``info["obs_loss"]``), the identity the
+tests check.
 
 `sweep` also carries the asymmetric-calibration term of GPTAQ (see `qnpu.transforms.gptaq`).
 """
@@ -297,7 +305,7 @@ def _current(wt, u, p, err, pos, i1, j) -> torch.Tensor:
 
 
 def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: int = 128, damp: float = 0.01,
-          act_order: bool = False, static_groups: bool = False, qparams: tuple | None = None,
+          act_order: bool = False, static_groups: bool = True, qparams: tuple | None = None,
           label: str = "layer", fp_cross: torch.Tensor | None = None, alpha: float = 0.25,
           method: str = "gptq") -> tuple[QTensor, dict]:
     """The column sweep shared by GPTQ and GPTAQ; see `gptq_quantize` and `gptaq_quantize`.
@@ -339,8 +347,12 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
     grid = _Grid(spec, n_rows, out, cdtype)
     if qparams is not None:
         grid.set(slice(None), *_given_qparams(method, label, spec, (out, n), qparams, cdtype))
+        mode = "given"
     elif not group or static_groups:
         grid.set(slice(None), *choose_qparams(wc, spec))
+        mode = "static" if group else "whole-weight"
+    else:
+        mode = "dynamic"
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
     u, damp_used, lam = _damped_factor(method, label, h, perm if act_order else None, float(damp))
@@ -367,21 +379,22 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
     wpre = wt.index_select(0, pos_of).T  # each column's value when it was quantized, in the original order
     scale, zero_point = grid.natural(spec.granularity)
     q = quantize(wpre, spec, scale=scale, zero_point=zero_point)
-    info = {"damp": damp_used, "lambda": lam, "dead_columns": int(dead.sum()), "obs_loss": loss}
+    info = {"damp": damp_used, "lambda": lam, "dead_columns": int(dead.sum()), "obs_loss": loss, "groups": mode}
     return QTensor(q.codes, q.scale, q.zero_point, spec, w.dtype), info
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
                   qparams: tuple | None = None, label: str = "layer") -> tuple[QTensor, dict]:
     """GPTQ-round ``w [out, in]`` under ``spec`` given ``hessian = X^T X / n`` ([in, in]).
 
     Returns the `QTensor` (natural layout of ``spec``; its dequantized value is exactly the ``Q``
     the sweep propagated errors from) and ``info``: ``damp`` (after any escalation), ``lambda``,
-    ``dead_columns`` and ``obs_loss`` (``tr((W - Q) (H + lambda I) (W - Q)^T)`` with dead columns
-    of ``W`` zeroed). Math in the module docstring. Raises `TransformError` naming ``label`` for
-    binary / dynamic specs, NaN/Inf in ``w`` or ``hessian``, a Hessian whose every column is dead
-    (a RuntimeWarning names the dead columns when only some are) and a Hessian that no dampening fixes.
+    ``dead_columns``, ``obs_loss`` (``tr((W - Q) (H + lambda I) (W - Q)^T)`` with dead columns
+    of ``W`` zeroed) and ``groups``, the grid used: ``"static"`` / ``"dynamic"`` groups (module
+    docstring), ``"whole-weight"`` (per-channel / per-tensor) or ``"given"`` (``qparams``). Math in
+    the module docstring. Raises `TransformError` naming ``label`` for binary / dynamic specs,
+    NaN/Inf in ``w`` or ``hessian``, a Hessian whose every column is dead (a RuntimeWarning names the dead columns when only some are) and a Hessian that no dampening fixes.
     Inputs are never modified; float32 math (float64 for a float64 ``w``).
     """
     return sweep(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
@@ -389,9 +402,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_
 
 
 @register_transform("gptq", reads={"hessian"})
-def gptq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = False) -> QTransform:
+def gptq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, static_groups: bool = True) -> QTransform:
     """GPTQ (Frantar et al. 2022) on every target with a weight spec, using ``view.stats[name].hessian``
-    and ``weight_qparams`` when a scale search set them; see `gptq_quantize`. State: `WeightsState`."""
+    and ``weight_qparams`` when a scale search set them; see `gptq_quantize`. State: `WeightsState`.
+    The recipe's config records ``act_order`` and ``static_groups`` (the group mode)."""
     check_options("gptq", block_size, damp, act_order, static_groups)
 
     def update(view: BlockView, state: WeightsState):

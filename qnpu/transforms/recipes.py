@@ -70,8 +70,10 @@ _RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
     "w8a16": ("int8 per-channel weights (RTN), float activations",
               lambda g: chain(quant_specs(weight=_w(8, g)), rtn())),
     "w4a16-rtn": ("int4 symmetric weights (full [-8, 7] grid), round-to-nearest", lambda g: chain(quant_specs(weight=_w(4, g)), rtn())),
-    "w4a16-gptq": ("int4 symmetric weights, GPTQ (act-order)", lambda g: chain(quant_specs(weight=_w(4, g)), gptq())),
-    "w4a16-awq": ("int4 symmetric weights, AWQ scales + clipping, then RTN",
+    "w4a16-gptq": ("int4 symmetric weights, GPTQ (act-order; groups: static)",
+                   lambda g: chain(quant_specs(weight=_w(4, g)), gptq())),
+    "w4a16-awq": ("int4 symmetric weights, AWQ scales (q/k/v scored by the attention output, gate/up by the MLP "
+                  "output) + clipping, then RTN",
                   lambda g: chain(quant_specs(weight=_w(4, g)), awq(), rtn())),
     "w4a16-gptaq": ("int4 symmetric weights, GPTAQ (asymmetric calibration against the float path)",
                     lambda g: chain(quant_specs(weight=_w(4, g)), gptaq())),

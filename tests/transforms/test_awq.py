@@ -20,7 +20,7 @@ from qnpu.transforms import (
     state_from_dict,
     state_to_dict,
 )
-from qnpu.transforms.awq import AWQState, awq, clip_search
+from qnpu.transforms.awq import AWQState, awq, clip_search, pair_score
 from qnpu.transforms.scale_search import candidate_ratios
 from qnpu.transforms.view import TransformError
 
@@ -116,10 +116,11 @@ def pair_errors(view, awq_view, rtn_view, state, max_tokens=256):
 @given(block_views(), st.sampled_from([(W3, True), (W3, False), (W3_ASYM, True), (W3_GROUP, False)]))
 @settings(max_examples=12)
 def test_never_worse_than_rtn_on_the_searched_objective(view, spec_clip):
+    # score="layers" searches each pair by its consumers' own outputs (the module score: below).
     # Per-channel and per-group (along the input) grids commute with the producer's row scaling,
     # so each pair's objective after the whole chain is what its search measured.
     spec, clip = spec_clip
-    a, state = _run(chain(quant_specs(weight=spec), awq(grid=8, clip=clip, clip_grid=8), rtn()), view)
+    a, state = _run(chain(quant_specs(weight=spec), awq(grid=8, clip=clip, clip_grid=8, score="layers"), rtn()), view)
     r, _ = _run(chain(quant_specs(weight=spec), rtn()), view)
     for producer, e_awq, e_rtn in pair_errors(view, a, r, state.states[1]):
         assert e_awq <= e_rtn * (1 + 1e-4), f"{producer}: AWQ {e_awq:.6g} > RTN {e_rtn:.6g}"
@@ -150,11 +151,113 @@ def test_clip_search_never_worse_than_minmax_on_output_error(x, seed, spec):
 
 def test_rtn_rounds_with_the_clipped_qparams():
     view = random_block(2, num_kv_heads=1)
-    clipped, _ = _awq(view, W3_ASYM, grid=4)
+    clipped, _ = _awq(view, W3_ASYM, grid=4, clip_qk=True)
     _, rs = _run(rtn(), clipped)
     for name, q in rs.qweights.items():
         scale, zp = clipped.specs[name].weight_qparams
         assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zp)
+
+
+@pytest.mark.parametrize("clip_qk", [False, True])
+def test_q_and_k_are_not_clipped_unless_asked(clip_qk):
+    view = random_block(8)
+    s = view.structure
+    out, state = _awq(view, W3_GROUP, grid=3, clip_grid=6, clip_qk=clip_qk)
+    clipped = {s.v, s.o, s.gate, s.up, s.down} | ({s.q, s.k} if clip_qk else set())
+    assert set(state.clip_ratios) == clipped
+    for name in s.linears:
+        assert (out.specs[name].weight_qparams is not None) == (name in clipped), name
+
+
+# -- the objectives, computed independently ---------------------------------------------------------
+def rounded_scaled(w, s, spec):
+    """``Q(W diag(s)) diag(1/s)``: the scaled, rounded weight with the scale moved back to the input."""
+    return fake_quantize(w * s, spec) / s
+
+
+def attention_out(params, structure, x):
+    """The self-attention output on block inputs ``x``: the block with a zero MLP minus its input
+    (`block_forward` is checked against transformers' LlamaDecoderLayer in test_block.py)."""
+    p = dict(params)
+    p[f"{structure.down}.weight"] = torch.zeros_like(p[f"{structure.down}.weight"])
+    p.pop(f"{structure.down}.bias", None)
+    return block_forward(p, structure, x) - x
+
+
+def mlp_out(params, structure, rows):
+    lin = lambda n, v: torch.nn.functional.linear(v, params[f"{n}.weight"], params.get(f"{n}.bias"))  # noqa: E731
+    return lin(structure.down, torch.nn.functional.silu(lin(structure.gate, rows)) * lin(structure.up, rows))
+
+
+def module_objective(view, norm, consumers, s_cols, spec, max_tokens=2048):
+    """llm-awq's objective of a norm pair for column scales ``s_cols``: the whole module's output
+    error with the consumers' weights replaced by their scaled, rounded versions."""
+    st, params = view.structure, view.params
+    new = {**params, **{f"{c}.weight": rounded_scaled(params[f"{c}.weight"], s_cols, spec) for c in consumers}}
+    if norm == st.attn_norm:
+        ref, got = attention_out(params, st, view.inputs), attention_out(new, st, view.inputs)
+    else:
+        rows = view.stats[st.gate].tokens[:max_tokens]
+        ref, got = mlp_out(params, st, rows), mlp_out(new, st, rows)
+    return float((ref.double() - got.double()).square().sum())
+
+
+def salience(view, name, max_tokens=2048):
+    """AWQ's salience statistic of a consumer's input channels: mean |x| over the token sample."""
+    return view.stats[name].tokens[:max_tokens].abs().mean(0)
+
+
+def normalized_power(m, alpha):
+    s = m.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@given(block_views(), st.sampled_from([W3, W3_GROUP]), st.integers(0, 2**31 - 1))
+@settings(max_examples=8)
+def test_module_score_equals_the_attention_and_mlp_output_error(view, spec, seed):
+    st_ = view.structure
+    view, _ = _run(quant_specs(weight=spec), view)
+    s_cols = torch.exp(0.5 * torch.randn(st_.hidden_size, generator=torch.Generator().manual_seed(seed)))
+    for norm, consumers in st_.norm_pairs:
+        score = pair_score(view, norm, consumers)
+        want = module_objective(view, norm, consumers, s_cols, spec)
+        assert score(s_cols) == pytest.approx(want, rel=2e-4), norm
+
+
+@given(block_views(), st.sampled_from([W3, W3_GROUP]))
+@settings(max_examples=8)
+def test_norm_pairs_pick_the_alpha_minimizing_the_module_output_error(view, spec):
+    grid = 5
+    _, state = _awq(view, spec, grid=grid, clip=False, score="module")
+    st_ = view.structure
+    for norm, consumers in st_.norm_pairs:
+        m = salience(view, consumers[0])
+        errors = [module_objective(view, norm, consumers, normalized_power(m, i / grid), spec) for i in range(grid)]
+        chosen = errors[round(state.alphas[norm] * grid)]
+        assert chosen <= min(errors) * (1 + 1e-4), (norm, state.alphas[norm], errors)
+
+
+@given(block_views(), SPECS)
+@settings(max_examples=8)
+def test_scales_follow_the_mean_absolute_activation(view, spec):
+    """s = mean|x|^alpha normalized, for every pair; the statistic is the mean of |x| per input
+    channel of the pair's consumers (o's columns averaged over the query heads sharing a kv head)."""
+    _, state = _awq(view, spec, grid=5, clip=False)
+    st_ = view.structure
+    group, hd = st_.num_heads // st_.num_kv_heads, st_.head_dim
+    stats = {st_.attn_norm: salience(view, st_.q), st_.mlp_norm: salience(view, st_.gate),
+             st_.up: salience(view, st_.down),
+             st_.v: salience(view, st_.o).view(st_.num_kv_heads, group, hd).mean(1).reshape(-1)}
+    assert set(state.scales) == set(stats)
+    for producer, m in stats.items():
+        torch.testing.assert_close(state.scales[producer], normalized_power(m, state.alphas[producer]),
+                                   rtol=1e-5, atol=0)
+
+
+def test_outlier_blocks_choose_a_nonzero_alpha_so_the_statistic_matters():
+    for seed in range(3):
+        _, state = _awq(random_block(seed), W3, clip=False)
+        assert all(state.alphas[p] > 0 for p in ("input_layernorm", "post_attention_layernorm")), state.alphas
 
 
 def test_weightless_norm_pair_is_skipped():
@@ -211,11 +314,17 @@ def test_errors_name_awq_the_layer_and_the_fix():
     no_tokens = view.with_stats({n: s._replace(tokens=None) for n, s in view.stats.items()})
     with pytest.raises(TransformError, match=r"awq: layer .*calibrat"):
         _awq(no_tokens)
+    no_inputs = view._replace(inputs=None)
+    with pytest.raises(TransformError, match=r"awq: layer model\.layers\.0\.self_attn\.q_proj: .*view\.inputs is None.*"
+                                             r"score='layers'"):
+        _awq(no_inputs, score="module")
+    _awq(no_inputs, score="layers", grid=2, clip=False)  # reads no block inputs
 
 
 @pytest.mark.parametrize("kwargs", [
     {"grid": 0}, {"grid": 2.0}, {"grid": True}, {"clip": 1}, {"clip_grid": 1}, {"min_clip": 0},
-    {"min_clip": 1.5}, {"min_clip": "0.5"}, {"max_tokens": 0}, {"max_tokens": None},
+    {"min_clip": 1.5}, {"min_clip": "0.5"}, {"max_tokens": 0}, {"max_tokens": None}, {"score": "block"},
+    {"clip_qk": 1},
 ])
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -58,7 +58,9 @@ def test_leaf_declarations():
     assert reads_of(mse_scale_search(weighted=True)) == {"hessian"}
     assert reads_of(gptq()) == reads_of(billm()) == reads_of(slim_llm()) == {"hessian"}
     assert reads_of(gptaq()) == {"hessian", "float_path"}
-    assert reads_of(awq()) == reads_of(activation_scales()) == reads_of(smoothquant()) == {"activations"}
+    assert reads_of(awq(score="layers")) == reads_of(activation_scales()) == reads_of(smoothquant()) == \
+        {"activations"}
+    assert reads_of(awq(score="module")) == {"activations", "block_inputs"}  # q/k/v scored by the attention output
     assert reads_of(smoothquant(search=True)) == {"activations", "block_inputs"}
     # a static activation spec's scales come from calibration (activation_scales or the engine)
     assert reads_of(quant_specs(weight=W8, activation=A8S)) == {"activations"}
@@ -69,15 +71,15 @@ def test_leaf_declarations():
 def test_combinators_take_the_union_of_their_parts():
     assert reads_of(chain()) == frozenset()
     assert reads_of(chain(quant_specs(weight=W4, activation=A8D), hadamard_rotation(), rtn())) == frozenset()
-    assert reads_of(chain(quant_specs(weight=W4), awq(), gptq())) == {"activations", "hessian"}
+    assert reads_of(chain(quant_specs(weight=W4), awq(score="layers"), gptq())) == {"activations", "hessian"}
     assert reads_of(masked("*.down_proj", gptaq())) == {"hessian", "float_path"}
     assert reads_of(masked("*.down_proj", rtn())) == frozenset()
     assert reads_of(partition({"*.q_proj": gptq(), "*.k_proj": rtn()})) == {"hessian"}
     assert reads_of(partition({"*.q_proj": rtn()}, default=smoothquant(search=True))) == \
         {"activations", "block_inputs"}
     assert reads_of(partition({"*.q_proj": rtn()})) == frozenset()  # no default: nothing else runs
-    nested = chain(quant_specs(weight=W4), masked("*.mlp.*", partition({"*.up_proj": gptaq()}, default=awq())),
-                   rtn())
+    nested = chain(quant_specs(weight=W4), masked("*.mlp.*", partition({"*.up_proj": gptaq()},
+                                                                        default=awq(score="layers"))), rtn())
     assert reads_of(nested) == {"hessian", "float_path", "activations"}
 
 
@@ -125,7 +127,8 @@ EXAMPLES = {
     "percentile_scales": [chain(quant_specs(weight=W3G), percentile_scales(), rtn())],
     "mse_scale_search": [chain(quant_specs(weight=W3G), mse_scale_search(), rtn()),
                          chain(quant_specs(weight=W3G), mse_scale_search(weighted=True), rtn())],
-    "awq": [chain(quant_specs(weight=W3G), awq(), rtn())],
+    "awq": [chain(quant_specs(weight=W3G), awq(score="module"), rtn()),
+            chain(quant_specs(weight=W3G), awq(score="layers", clip_qk=False), rtn())],
     "smoothquant": [chain(quant_specs(weight=W4, activation=A8D), smoothquant(0.8), rtn()),
                     chain(quant_specs(weight=W4, activation=A8D), smoothquant(search=True, pairs="all"), rtn())],
     "activation_scales": [chain(quant_specs(weight=W8, activation=A8S), activation_scales(), rtn())],

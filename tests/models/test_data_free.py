@@ -78,12 +78,23 @@ def test_the_error_sample_is_a_parameter():
         quantize_model(tiny_llama(1), DATA_FREE["rtn"](), ids, progress=False, error_sample=(0, 10))
 
 
+# recipes that only round: true-sequential by default (sequential.basis_preserving)
+ROUND_ONLY = {"gptq", "gptaq", "static-without-activation_scales"}
+
+
+@pytest.mark.parametrize("sequential", [False, None])
 @pytest.mark.parametrize("name", list(CALIBRATED))
-def test_recipes_that_read_statistics_still_calibrate_on_every_token(name):
+def test_recipes_that_read_statistics_still_calibrate_on_every_token(name, sequential):
     model, ids = tiny_llama(2), many_ids()
     rows = block_rows(model)
-    result = quantize_model(model, CALIBRATED[name](), ids, progress=False, batch_size=16)
-    passes = 3 if name == "gptaq" else 2  # GPTAQ's float path is one more pass
+    result = quantize_model(model, CALIBRATED[name](), ids, progress=False, batch_size=16,
+                            true_sequential=sequential)
+    if sequential is None and name in ROUND_ONLY:
+        # per group (q/k/v, o, gate/up, down) a quantized-path pass (and a float-path one for GPTAQ), then
+        # the output pass (and GPTAQ's float block advancing the float path)
+        passes = 10 if name == "gptaq" else 5
+    else:
+        passes = 3 if name == "gptaq" else 2  # GPTAQ's float path is one more pass
     assert rows[1] == passes * ids.numel() and not result.data_free
     assert result.error_sample_tokens == 128  # the first error_tokens rows of the stats' token sample
     with pytest.raises(ValueError, match="data_free=True, but the recipe reads"):

@@ -87,3 +87,10 @@ def test_families_lists_every_table(capsys):
     assert data["qwen3"]["qk_norms"] == ["self_attn.q_norm", "self_attn.k_norm"]
     assert main(["families"]) == 0
     assert "smoothing pairs  input_layernorm -> self_attn.q_proj" in capsys.readouterr().out
+
+
+def test_true_sequential_flag_defaults_to_the_engine_choice():
+    from qnpu.cli import build_parser
+
+    parse = lambda *a: build_parser().parse_args(["quantize", *a]).true_sequential  # noqa: E731
+    assert (parse(), parse("--true-sequential"), parse("--no-true-sequential")) == (None, True, False)

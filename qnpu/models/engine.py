@@ -585,4 +585,5 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     model.train(was_training)
     return QuantizeResult(model=model, blocks=blocks, seconds=time.perf_counter() - start,
                           rotated=run.rotation is not None, edges=edges, config=model.config.to_dict(),
-                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens,
+                          true_sequential=run.sequential)

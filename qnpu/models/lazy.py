@@ -199,4 +199,5 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
         config = {**config, "tie_word_embeddings": False}
     return QuantizeResult(model=None, blocks=blocks, seconds=time.perf_counter() - start,
                           rotated=run.rotation is not None, edges=edges, config=config,
-                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens,
+                          true_sequential=run.sequential)

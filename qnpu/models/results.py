@@ -73,7 +73,7 @@ class QuantizeResult:
     (``tie_word_embeddings`` False when rotation untied the embeddings); rotated: whether the
     residual stream is rotated; data_free: whether the recipe read no calibration data (the blocks
     then ran on the error sample only); error_sample_tokens: token rows each linear's error was
-    measured on."""
+    measured on; true_sequential: whether the blocks were calibrated group by group (`models.sequential`)."""
 
     model: Any
     blocks: list
@@ -83,6 +83,7 @@ class QuantizeResult:
     config: dict = field(default_factory=dict)
     data_free: bool = False
     error_sample_tokens: int | None = None
+    true_sequential: bool = False
 
     def worst_linears(self, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` linears (full labels) with the largest relative output error."""

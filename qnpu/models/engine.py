@@ -21,6 +21,10 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
 4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
 
+With ``true_sequential`` (default: on for recipes that only round, decided on block 0), steps 2-3
+run once per group ``[q, k, v] -> [o] -> [gate, up] -> [down]``, each group's statistics taken from
+the block with the earlier groups already quantized (`qnpu.models.sequential`).
+
 What is collected follows what the recipe's transforms declare they read
 (`qnpu.transforms.reads_of`; the engine knows no transform by name). A *data-free* recipe, one that
 reads nothing (RTN, rotations + RTN, w8a16, w8a8-dynamic), gets the same weights from any

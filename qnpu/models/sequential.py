@@ -192,11 +192,10 @@ class SequentialBlocks:
                     with float_linears(block, floats), contextlib.suppress(Stop):
                         self._forward(block, self.fp_hidden[rows], args, kwargs)
                 cap.begin("q", stop=reference is None)
-                try:
+                with contextlib.suppress(Stop):
                     out = self._forward(block, self.hidden[rows], args, kwargs)
-                except Stop:
-                    continue
-                reference[rows] = out
+                    if reference is not None:
+                        reference[rows] = out
         finally:
             for h in handles:
                 h.remove()

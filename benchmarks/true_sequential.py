@@ -12,7 +12,7 @@ channel; W4 symmetric full range, W3 / W2 asymmetric, as the built-in recipes) w
 ``model``: one ``qnpu quantize`` job on the default model (`qnpu.jobs.quantize_job`, no baseline
 evaluation) per ``--recipes`` x ``--seeds`` x on/off, with ``--samples``, ``--seq-len`` and
 ``--eval-tokens``; one JSON file per run under ``--runs`` (a run already there is not repeated), then
-the table of perplexities.
+the table of perplexities (``--collect``: only the runs already there).
 
 Usage (from the repository root)::
 
@@ -79,7 +79,8 @@ def blocks(seeds: list[int]) -> tuple[dict, str]:
     return {"part": "blocks", "rows": rows}, "\n".join(lines)
 
 
-def model(recipes: list[str], seeds: list[int], samples: int, seq_len: int, eval_tokens: int, runs: Path):
+def model(recipes: list[str], seeds: list[int], samples: int, seq_len: int, eval_tokens: int, runs: Path,
+          collect: bool = False):
     from qnpu.jobs import quantize_job
 
     runs.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,8 @@ def model(recipes: list[str], seeds: list[int], samples: int, seq_len: int, eval
         for seed in seeds:
             for sequential in (False, True):
                 path = runs / f"{recipe}-seed{seed}-{'on' if sequential else 'off'}.json"
+                if not path.is_file() and collect:
+                    continue
                 if not path.is_file():
                     report = quantize_job(recipe=recipe, samples=samples, seq_len=seq_len, seed=seed,
                                           eval_tokens=eval_tokens, evaluate_baseline=False, progress=True,
@@ -116,12 +119,14 @@ def main() -> None:
     p_m.add_argument("--seq-len", type=int, default=512)
     p_m.add_argument("--eval-tokens", type=int, default=8192)
     p_m.add_argument("--runs", type=Path, default=Path("true_sequential_runs"))
+    p_m.add_argument("--collect", action="store_true", help="tabulate the runs already in --runs, run nothing")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.part == "blocks":
         data, table = blocks(args.seeds)
     else:
-        data, table = model(args.recipes, args.seeds, args.samples, args.seq_len, args.eval_tokens, args.runs)
+        data, table = model(args.recipes, args.seeds, args.samples, args.seq_len, args.eval_tokens, args.runs,
+                            args.collect)
     data.update(load_average_1m=os.getloadavg()[0], torch=torch.__version__, threads=torch.get_num_threads())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"true_sequential_{args.part}.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -72,9 +72,9 @@ def test_true_sequential_reaches_both_engines_and_the_report(tmp_path):
     common = dict(model=str(tmp_path / "float"), recipe="w2a16-gptq", samples=4, seq_len=32, progress=False,
                   evaluate_baseline=False, evaluate_result=False)
     runs = {(stream, seq): quantize_job(**common, output=str(tmp_path / f"{stream}-{seq}"), stream=stream,
-                                        true_sequential=seq) for stream in (False, True) for seq in (None, False)}
-    assert [r["true_sequential"] for r in runs.values()] == [True, False, True, False]  # GPTQ: on by default
+                                        true_sequential=seq) for stream in (False, True) for seq in (True, None)}
+    assert [r["true_sequential"] for r in runs.values()] == [True, False, True, False]  # GPTQ: off by default
     models = {key: load(tmp_path / f"{key[0]}-{key[1]}")[0] for key in runs}
     weight = {key: m.model.layers[0].mlp.down_proj.weight for key, m in models.items()}
-    assert torch.equal(weight[False, None], weight[True, None]) and torch.equal(weight[False, False], weight[True, False])
-    assert not torch.equal(weight[False, None], weight[False, False])
+    assert torch.equal(weight[False, True], weight[True, True]) and torch.equal(weight[False, None], weight[True, None])
+    assert not torch.equal(weight[False, True], weight[False, None])

@@ -21,7 +21,8 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
 4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
 
-With ``true_sequential`` (default: on for recipes that only round, decided on block 0), steps 2-3
+With ``true_sequential`` (default: on for recipes that read the float path, GPTAQ; it applies to
+recipes that only round, which block 0 decides), steps 2-3
 run once per group ``[q, k, v] -> [o] -> [gate, up] -> [down]``, each group's statistics taken from
 the block with the earlier groups already quantized (`qnpu.models.sequential`).
 
@@ -217,11 +218,13 @@ class LayerwiseCalibration(SequentialBlocks):
         self.data_free = not calibrated if data_free is None else bool(data_free)
         self.error_sample = tuple(error_sample)
         if true_sequential not in (None, True, False):
-            raise ValueError(f"true_sequential={true_sequential!r}; allowed: None (on where the recipe allows), "
-                             "True or False")
+            raise ValueError(f"true_sequential={true_sequential!r}; allowed: None (on for recipes that read the "
+                             "float path), True or False")
         # decided on block 0 (`sequential.basis_preserving`): the groups to round one after the other
         self.true_sequential = true_sequential
-        self.sequential = true_sequential is not False and not self.data_free
+        # default: on where it was measured to win on the default model, GPTAQ (docs/architecture.md)
+        wanted = self.float_path if true_sequential is None else true_sequential
+        self.sequential = wanted and not self.data_free
         self.groups: tuple[tuple[str, ...], ...] | None = None
         self.hidden: torch.Tensor | None = None
         self.fp_hidden: torch.Tensor | None = None

@@ -30,13 +30,14 @@ def recorded(seen: list, recipe: QTransform) -> QTransform:
                       reads=reads_of(recipe))
 
 
-def run(seed: int, rounder: QTransform, *, act: QSpec | None = None, **kw):
+def run(seed: int, rounder: QTransform, *, act: QSpec | None = None, true_sequential: bool | None = True, **kw):
     """Quantize random block ``seed``; returns (its view, the views the recipe got, the result)."""
     view = random_block(seed, batch=8, seq=32)
     model, ids = llama_of_block(view)
     seen: list = []
     recipe = recorded(seen, chain(quant_specs(weight=W3, activation=act), rounder))
-    result = quantize_model(model, recipe, ids, progress=False, max_stat_tokens=64, **kw)
+    result = quantize_model(model, recipe, ids, progress=False, max_stat_tokens=64, true_sequential=true_sequential,
+                            **kw)
     return view, seen, result
 
 
@@ -81,7 +82,7 @@ def test_off_is_one_pass_on_the_float_block():
 
 @pytest.mark.parametrize("act", [None, A8])
 def test_gptaq_delta_x_is_float_input_minus_quantized_path_input(act):
-    view, seen, result = run(2, gptaq(), act=act)
+    view, seen, result = run(2, gptaq(), act=act, true_sequential=None)  # GPTAQ: on by default
     stages = seen[1:] if act is None else seen[2::2]  # with specs known, each group is captured again
     assert [v.targets for v in seen[1:]] == (list(ORDER) if act is None else
                                               [g for g in ORDER for _ in range(2)])  # re-captured after specs
@@ -108,6 +109,11 @@ def test_gptaq_on_block_0_differs_from_gptq_where_the_paths_differ(act):
         assert not torch.equal(codes["gptq"][n].codes, codes["gptaq"][n].codes), n
     if act is None:  # the first group sees the float block's input on both paths: GPTAQ is GPTQ there
         assert all(torch.equal(codes["gptq"][n].codes, codes["gptaq"][n].codes) for n in (Q, K, V))
+
+
+def test_the_default_is_on_for_gptaq_and_off_for_gptq():
+    assert run(5, gptaq(), true_sequential=None)[2].true_sequential
+    assert not run(5, gptq(), true_sequential=None)[2].true_sequential
 
 
 def test_recipes_that_rescale_keep_the_one_pass_path():

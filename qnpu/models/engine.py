@@ -551,6 +551,9 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     on the first ``error_sample = (sequences, tokens)`` of ``calibration_ids`` only, for the error
     report; the weights are those of a full calibration. ``data_free=False`` calibrates on all of
     ``calibration_ids`` anyway; True for a recipe that reads something is a ValueError.
+    ``true_sequential`` (default: on for recipes that read the float path, GPTAQ) rounds each block's
+    linears group by group on inputs through the earlier quantized groups (`qnpu.models.sequential`);
+    recipes that rescale or rotate run one pass per block whatever it says (a warning when True).
 
     Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
     inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.

@@ -234,7 +234,8 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
                  batch_size: int = 8, stream: bool = False, lowered: str | None = None,
-                 overwrite_any: bool = False, baseline_cache: bool = True) -> dict:
+                 overwrite_any: bool = False, baseline_cache: bool = True,
+                 true_sequential: bool | None = None) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error.
 
@@ -267,7 +268,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     if stream:
         return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
                            seq_len=seq_len, seed=seed, device=device, output=output, overwrite=overwrite,
-                           progress=progress, batch_size=batch_size, start=start)
+                           progress=progress, batch_size=batch_size, start=start, true_sequential=true_sequential)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; qnpu needs one to tokenize calibration text")
@@ -279,7 +280,9 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
             net, tokenizer, model_identity(model), EVAL_SLICES, eval_tokens, use_cache=baseline_cache, progress=progress)
     before = weight_bytes(net)
     t0 = time.perf_counter()
-    result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size)
+    result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size,
+                            true_sequential=true_sequential)
+    report["true_sequential"] = result.true_sequential
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     report["worst_layers"], report["linear_errors"] = layer_errors(result)
     report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
@@ -317,7 +320,8 @@ def lowered_report(net, tokenizer, target: str, schemes: dict, eval_tokens: int 
 
 
 def _stream_job(model, transform: QTransform, *, recipe: str, group_size, samples: int, seq_len: int, seed,
-                device: str, output, overwrite: bool, progress: bool, batch_size: int, start: float) -> dict:
+                device: str, output, overwrite: bool, progress: bool, batch_size: int, start: float,
+                true_sequential: bool | None = None) -> dict:
     import transformers
 
     if output is None:
@@ -352,7 +356,8 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
     with CheckpointWriter(output, source=source, recipe=recipe_to_dict(transform), overwrite=overwrite,
                           hf_config=json.loads((folder / "config.json").read_text())) as writer:
         result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
-                                    progress=progress)
+                                    progress=progress, true_sequential=true_sequential)
+        report["true_sequential"] = result.true_sequential
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         report["worst_layers"], report["linear_errors"] = layer_errors(result)
         report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free

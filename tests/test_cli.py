@@ -95,3 +95,10 @@ def test_a_default_output_lands_in_the_test_folder_not_where_pytest_started(caps
     assert Path.cwd().is_relative_to(tmp_path_factory.getbasetemp()) and not any(Path.cwd().iterdir())
     Path("qnpu-out").mkdir()  # what the README's main job leaves: the default --output exists
     assert main(["quantize", "--no-eval"]) == 2 and "qnpu-out exists" in capsys.readouterr().err
+
+
+def test_true_sequential_flag_defaults_to_the_engine_choice():
+    from qnpu.cli import build_parser
+
+    parse = lambda *a: build_parser().parse_args(["quantize", *a]).true_sequential  # noqa: E731
+    assert (parse(), parse("--true-sequential"), parse("--no-true-sequential")) == (None, True, False)

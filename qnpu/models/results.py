@@ -74,7 +74,7 @@ class QuantizeResult:
     (``tie_word_embeddings`` False when rotation untied the embeddings); rotated: whether the
     residual stream is rotated; data_free: whether the recipe read no calibration data (the blocks
     then ran on the error sample only); error_sample_tokens: token rows each linear's error was
-    measured on."""
+    measured on; true_sequential: whether the blocks were calibrated group by group (`models.sequential`)."""
 
     model: Any
     blocks: list
@@ -84,6 +84,7 @@ class QuantizeResult:
     config: dict = field(default_factory=dict)
     data_free: bool = False
     error_sample_tokens: int | None = None
+    true_sequential: bool = False
 
     def linear_errors(self) -> list[tuple[str, float]]:
         """Every linear's relative output error (full labels), in model order."""

@@ -4,6 +4,7 @@ weights of a full calibration, and says how many tokens its error report comes f
 read statistics (GPTQ, AWQ, SmoothQuant, static activations) still calibrate on every token."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -78,12 +79,25 @@ def test_the_error_sample_is_a_parameter():
         quantize_model(tiny_llama(1), DATA_FREE["rtn"](), ids, progress=False, error_sample=(0, 10))
 
 
+# recipes that only round can be calibrated true-sequentially (sequential.basis_preserving); GPTAQ is by default
+ROUND_ONLY = {"gptq", "gptaq", "static-without-activation_scales"}
+
+
+@pytest.mark.parametrize("sequential", [False, True, None])
 @pytest.mark.parametrize("name", list(CALIBRATED))
-def test_recipes_that_read_statistics_still_calibrate_on_every_token(name):
+def test_recipes_that_read_statistics_still_calibrate_on_every_token(name, sequential):
     model, ids = tiny_llama(2), many_ids()
     rows = block_rows(model)
-    result = quantize_model(model, CALIBRATED[name](), ids, progress=False, batch_size=16)
-    passes = 3 if name == "gptaq" else 2  # GPTAQ's float path is one more pass
+    refused = sequential and name not in ROUND_ONLY  # asked for, but the recipe rescales: one pass, with a warning
+    with pytest.warns(UserWarning, match="one pass") if refused else contextlib.nullcontext():
+        result = quantize_model(model, CALIBRATED[name](), ids, progress=False, batch_size=16,
+                                true_sequential=sequential)
+    if name in ROUND_ONLY and (sequential or (sequential is None and name == "gptaq")):
+        # per group (q/k/v, o, gate/up, down) a quantized-path pass (and a float-path one for GPTAQ), then
+        # the output pass (and GPTAQ's float block advancing the float path)
+        passes = 10 if name == "gptaq" else 5
+    else:
+        passes = 3 if name == "gptaq" else 2  # GPTAQ's float path is one more pass
     assert rows[1] == passes * ids.numel() and not result.data_free
     assert result.error_sample_tokens == 128  # the first error_tokens rows of the stats' token sample
     with pytest.raises(ValueError, match="data_free=True, but the recipe reads"):

@@ -122,7 +122,8 @@ def test_gptaq_gets_the_float_path():
     assert needs_float_path(chain(quant_specs(weight=QSpec(bits=4)), gptaq()))
     assert not needs_float_path(W8A8())
     spec = chain(quant_specs(weight=QSpec(bits=3)))
-    results = {name: quantize_model(tiny_llama(2), chain(spec, rounder), ids, progress=False)
+    # one pass per block (true_sequential=False): block 0's linears all see float inputs
+    results = {name: quantize_model(tiny_llama(2), chain(spec, rounder), ids, progress=False, true_sequential=False)
                for name, rounder in (("gptq", gptq()), ("gptaq", gptaq(alpha=0.25)))}
     first = [r.blocks[0].qweights["mlp.down_proj"].codes for r in results.values()]
     later = [r.blocks[1].qweights["mlp.down_proj"].codes for r in results.values()]

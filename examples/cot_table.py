@@ -94,7 +94,7 @@ def markdown(data: dict, settings: list[str]) -> str:
                 f"| {s} | {mode} | {num(m['pass@1'])} | {num(code.get('reference_ppl'))} | "
                 f"{num(m['answer_tokens_mean'], 1)} | {num(m['repetition_rate'])} | {num(eff.get('prefill_ms'), 1)} | "
                 f"{num(ratio(fp_eff.get('prefill_ms'), eff.get('prefill_ms')), 2)} | "
-                f"{num(mem / 2**20 if mem else None, 0)} | {num(eff['weight_bytes'] / 2**20 if eff else None, 1)} |")
+                f"{num(mem / 2**20 if mem else None, 0)} | {num(eff['weight_bytes'] / 2**20 if eff.get('weight_bytes') else None, 1)} |")
     failed = [f"- {k}: {c['error']}" for k, c in cells.items() if "error" in c]
     kinds = sorted({c["kind"] for k, c in cells.items() if k.endswith("/efficiency") and "kind" in c})
     lines += ["", f"Efficiency measured on: {', '.join(kinds) or '-'}."]

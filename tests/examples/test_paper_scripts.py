@@ -106,3 +106,16 @@ def test_list_arguments_refuse_empty_and_mistyped_items(scripts):
         csv("2,,3", int)
     with pytest.raises(SystemExit, match="must be a int"):
         csv("2,x", int)
+
+
+def test_cot_table_keeps_a_setting_whose_efficiency_step_failed(scripts):
+    c = scripts["cot_table"]
+    mode = {"pass@1": 0.0, "answer_tokens_mean": 5.0, "answer_words_mean": 4.0, "repetition_rate": 0.0,
+            "hit_limit_rate": 0.0, "cot_applied": "x"}
+    data = {"setup": {"model": "m", "limit": 2, "max_new_tokens": 8, "samples": 1, "seq_len": 8}, "env": "env",
+            "cells": {"w4a8/code": {"reference_ppl": 3.0, "modes": {"no_think": mode}},
+                      "w4a8/efficiency": {"error": "RuntimeError: boom"}}}
+    table = c.markdown(data, ["w4a8"])
+    row = [line for line in table.splitlines() if line.startswith("| w4a8")][0]
+    assert [x.strip() for x in row.split("|")[1:-1]][6:] == ["-", "-", "-", "-"]
+    assert "- w4a8/efficiency: RuntimeError: boom" in table

@@ -58,9 +58,11 @@ CHILD = """
             wait()
 
     os.replace = replace
-    if os.environ.get("QNPU_TEST_IGNORE_HUP"):
-        import signal
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    import signal
+    # a terminal's dispositions, whatever the test runner inherited: a runner started in the
+    # background (`cmd &`) ignores SIGINT, one under nohup SIGHUP, and children inherit that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if os.environ.get("QNPU_TEST_IGNORE_HUP") else signal.SIG_DFL)
     from qnpu.cli import main
     sys.exit(main(sys.argv[1:]))
 """

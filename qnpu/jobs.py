@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from qnpu.data import slice_names
-from qnpu.eval import WINDOW, perplexity, tokenize_slice
+from qnpu.eval import WINDOW, tokenize_slice
 from qnpu.eval.baseline_cache import cached_baseline, model_identity
 from qnpu.eval.efficiency import EfficiencyGrid, measure_efficiency, model_kind, write_results
+from qnpu.eval.footprint import weight_bytes as footprint_bytes
 from qnpu.eval.code import GenerationConfig, Limits, check_cot, load_problems, run_code_eval
 from qnpu.eval.compare import EVAL_FILE, results_folder, write_json
+from qnpu.eval.perplexity import timed_perplexity
 from qnpu.eval.text import read_texts, text_files, text_perplexity
 from qnpu.lowering import FORMATS, check_target, export, lower, plan, scheme_counts
 from qnpu.lowering.exports import is_export
@@ -33,7 +35,6 @@ from qnpu.models.default import default_cache_dir, load_default_tokenizer
 from qnpu.models.devices import resolve_device
 from qnpu.models.lazy import quantize_from_disk
 from qnpu.models.loading import DEFAULT_NAMES, default_source, folder_source
-from qnpu.models.qlinear import QLinear
 from qnpu.qcore.outputs import recover, sibling
 from qnpu.transforms import QTransform, recipe_to_dict, recipes
 
@@ -207,24 +208,15 @@ def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int | None = No
 
 def evaluate(model, tokenizer, slices=EVAL_SLICES, n_tokens: int | None = None, progress: bool = True) -> dict:
     """Perplexity on each evaluation slice (windows of 512)."""
-    out = {}
-    for name in slices:
-        start = time.perf_counter()
-        result = perplexity(model, tokenize_slice(tokenizer, name, n_tokens), progress=progress)
-        out[name] = {"ppl": result["ppl"], "tokens": result["n_windows"] * result["window"],
-                     "seconds": round(time.perf_counter() - start, 2)}
-    return out
+    return {name: timed_perplexity(model, tokenize_slice(tokenizer, name, n_tokens), progress=progress)
+            for name in slices}
 
 
 def weight_bytes(model) -> dict:
-    """Bytes of the linears' weights as stored (packed codes + scales for quantized ones) and in float."""
-    quantized = float_equiv = 0
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, QLinear)):
-            nbytes = module.weight.numel() * module.weight.element_size()
-            float_equiv += nbytes
-            q = getattr(module, "qweight", None)
-            quantized += nbytes if q is None else q.packed_nbytes
+    """Bytes of the linears' weights as stored (packed codes + scales for quantized ones) and in float
+    (`qnpu.eval.footprint.weight_bytes`, under the quantize report's names)."""
+    sizes = footprint_bytes(model)
+    quantized, float_equiv = sizes["linear"], sizes["linear_float"]
     return {"linear_weights": quantized, "linear_weights_float": float_equiv,
             "compression": round(float_equiv / quantized, 3) if quantized else None}
 

@@ -23,14 +23,13 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import qnpu
 from qnpu.data import slice_info
-from qnpu.eval.perplexity import WINDOW, perplexity, tokenize_slice
+from qnpu.eval.perplexity import WINDOW, timed_perplexity, tokenize_slice
 from qnpu.models.default import _sha256 as _sha256_file
 from qnpu.models.default import default_cache_dir
 from qnpu.models.loading import DEFAULT_NAMES
@@ -149,10 +148,7 @@ def cached_baseline(net, tokenizer, identity: dict, slices, n_tokens: int | None
         path = folder / f"{key}.json"
         cached = read_entry(path, key, fields) if use_cache else None
         if cached is None:
-            start = time.perf_counter()
-            result = perplexity(net, ids, progress=progress)
-            cached = {"ppl": result["ppl"], "tokens": result["n_windows"] * result["window"],
-                      "seconds": round(time.perf_counter() - start, 2)}
+            cached = timed_perplexity(net, ids, progress=progress)
             if use_cache and math.isfinite(cached["ppl"]):
                 write_entry(path, key, fields, cached)
             entries[name] = {"key": key, "hit": False}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -88,6 +89,15 @@ def perplexity(model, token_ids: torch.Tensor, window: int = WINDOW, *, progress
     nll = total / count
     return {"ppl": ppl_of(nll), "nll": nll, "n_windows": n_windows, "n_predictions": count,
             "window": window, "n_dropped": token_ids.numel() - n_windows * window}
+
+
+def timed_perplexity(model, token_ids: torch.Tensor, *, progress: bool = True) -> dict:
+    """``{"ppl", "tokens", "seconds"}`` of `perplexity` over windows of `WINDOW`: the per-slice row of
+    the quantize and eval reports (``tokens`` counts the scored windows' tokens)."""
+    start = time.perf_counter()
+    result = perplexity(model, token_ids, progress=progress)
+    return {"ppl": result["ppl"], "tokens": result["n_windows"] * result["window"],
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def tokenize_slice(tokenizer, name: str, n_tokens: int | str | None = None) -> torch.Tensor:

@@ -36,13 +36,13 @@ def _tiny(path, seed: int = 0):
 def counted(monkeypatch):
     """Calls of the perplexity evaluator, by number of tokens scored."""
     calls: list[int] = []
-    real = bc.perplexity
+    real = bc.timed_perplexity
 
     def counting(model, ids, **kwargs):
         calls.append(int(ids.numel()))
         return real(model, ids, **kwargs)
 
-    monkeypatch.setattr(bc, "perplexity", counting)
+    monkeypatch.setattr(bc, "timed_perplexity", counting)
     return calls
 
 

@@ -54,8 +54,8 @@ def test_quantize_twice_then_eval_in_text(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     calls = {"baseline": 0, "other": 0}
     for module, kind in ((qnpu.eval.baseline_cache, "baseline"), (qnpu.jobs, "other")):
-        real = module.perplexity
-        monkeypatch.setattr(module, "perplexity", lambda *a, _real=real, _kind=kind, **k: calls.__setitem__(
+        real = module.timed_perplexity
+        monkeypatch.setattr(module, "timed_perplexity", lambda *a, _real=real, _kind=kind, **k: calls.__setitem__(
             _kind, calls[_kind] + 1) or _real(*a, **k))
     common = ["quantize", "--model", str(model), "--samples", "2", "--seq-len", "16", "--eval-tokens", "512",
               "--output", str(ckpt)]

@@ -35,7 +35,8 @@ from .block import attention_output, block_forward, mlp_output, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .gptaq import gptaq, gptaq_quantize
 from .gptq import gptq, gptq_quantize
-from .rounding import WeightsState, rtn
+from .rounder import WeightsState
+from .rounding import rtn
 from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
 from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
 from .slim_llm import SlimLLMState, slim_llm

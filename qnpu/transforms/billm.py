@@ -56,15 +56,15 @@ is rejected.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 from qnpu.qcore import BiLLMTensor
 
 from .base import QTransform, register_transform
-from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable, store
-from .view import BlockView, fail
+from .checks import check_flags, check_int, check_range
+from .rounder import core_errors, hessian_of, live_hessian, no_scale_search, weights_rounder
+from .view import fail
 
 # the weight BiLLM produces: codes, masks and per-row per-block (a, mu) (`qnpu.qcore.BiLLMTensor`)
 BinarizedWeight = BiLLMTensor
@@ -270,14 +270,6 @@ def billm_quantize(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
 
 
 # -- the transform -----------------------------------------------------------------------------
-def _check_fraction(name: str, value, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 0.5:
-        raise ValueError(f"billm: {name}={value!r}; allowed: a number in [0, 0.5]"
-                         + (" or None (search)" if allow_none else ""))
-
-
 @register_transform("billm", reads={"hessian"})
 def billm(block_size: int = 128, salient_fraction: float | None = None, max_salient_fraction: float = 0.2,
           split: bool = True, mean_offsets: bool = True, split_grid: int = 40, damp: float = 0.01) -> QTransform:
@@ -290,37 +282,24 @@ def billm(block_size: int = 128, salient_fraction: float | None = None, max_sali
     ``max_salient_fraction`` of its columns; a number fixes it. See the module docstring for the
     math and the exact bit accounting.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"billm: block_size={block_size!r}; allowed: an int >= 1")
-    _check_fraction("salient_fraction", salient_fraction, True)
-    _check_fraction("max_salient_fraction", max_salient_fraction, False)
-    for name, value in (("split", split), ("mean_offsets", mean_offsets)):
-        if not isinstance(value, bool):
-            raise ValueError(f"billm: {name}={value!r}; allowed: True | False")
-    if isinstance(split_grid, bool) or not isinstance(split_grid, int) or split_grid < 1:
-        raise ValueError(f"billm: split_grid={split_grid!r}; allowed: an int >= 1")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"billm: damp={damp!r}; allowed: a number > 0")
+    check_int("billm", "block_size", block_size)
+    check_range("billm", "salient_fraction", salient_fraction, 0, 0.5, none="search")
+    check_range("billm", "max_salient_fraction", max_salient_fraction, 0, 0.5)
+    check_flags("billm", split=split, mean_offsets=mean_offsets)
+    check_int("billm", "split_grid", split_grid)
+    check_range("billm", "damp", damp, 0, open_lo=True)
 
-    def update(view: BlockView, state: WeightsState):
-        results = {}
-        for name, spec in quantizable(view, "billm"):
-            if spec.format != "binary":
-                fail("billm", view, name, f"the weight spec has format={spec.format!r}, BiLLM binarizes",
-                     "set quant_specs(weight=QSpec(bits=1, format='binary')) for the layers billm() quantizes")
-            if view.specs[name].weight_qparams is not None:
-                fail("billm", view, name, "weight_qparams from a scale search are set, but BiLLM fits its own "
-                     "per-row, per-block scales", "drop the scale search before billm()")
-            hessian = hessian_of(view, name, "billm")
-            dead_columns(hessian, "billm", view.label(name))  # warns, or refuses a layer with no live input
-            w = checked_weight(view, name, "billm")
-            try:
-                bw = billm_quantize(w, hessian, block_size=block_size, salient_fraction=salient_fraction,
-                                    max_salient_fraction=max_salient_fraction, split=split,
-                                    mean_offsets=mean_offsets, split_grid=split_grid, damp=damp)
-            except ValueError as err:
-                fail("billm", view, name, str(err), "increase damp or recalibrate with more tokens")
-            results[name] = bw
-        return store(view, state, results)
+    def check(view, name, spec):
+        if spec.format != "binary":
+            fail("billm", view, name, f"the weight spec has format={spec.format!r}, BiLLM binarizes",
+                 "set quant_specs(weight=QSpec(bits=1, format='binary')) for the layers billm() quantizes")
+        no_scale_search(view, name, "billm", "BiLLM fits its own per-row, per-block scales")
+        live_hessian(view, name, "billm")  # warns, or refuses a layer with no live input
 
-    return QTransform(lambda view: WeightsState({}), update)
+    def round_weight(view, name, w, spec):
+        with core_errors(view, name, "billm", "increase damp or recalibrate with more tokens"):
+            return billm_quantize(w, hessian_of(view, name, "billm"), block_size=block_size,
+                                  salient_fraction=salient_fraction, max_salient_fraction=max_salient_fraction,
+                                  split=split, mean_offsets=mean_offsets, split_grid=split_grid, damp=damp)
+
+    return weights_rounder("billm", round_weight, check=check)

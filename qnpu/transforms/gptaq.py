@@ -31,21 +31,18 @@ column-by-column recursion above for every ``block_size``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from qnpu.qcore import QSpec, QTensor
 
 from .base import QTransform, register_transform
+from .checks import check_range
 from .gptq import check_options, sweep
-from .rounding import WeightsState, checked_weight, hessian_of, quantizable, store
-from .view import BlockView
+from .rounder import hessian_of, weights_rounder
 
 
 def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 <= alpha < math.inf):
-        raise ValueError(f"gptaq: alpha={alpha!r}; allowed: a finite number >= 0 (0.25 is the authors' default)")
+    check_range("gptaq", "alpha", alpha, 0, hint="(0.25 is the authors' default)")
 
 
 def gptaq_quantize(w: torch.Tensor, hessian: torch.Tensor, fp_cross: torch.Tensor | None, spec: QSpec, *,
@@ -69,14 +66,9 @@ def gptaq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, sta
     check_options("gptaq", block_size, damp, act_order, static_groups)
     _check_alpha(alpha)
 
-    def update(view: BlockView, state: WeightsState):
-        results = {}
-        for name, spec in quantizable(view, "gptaq"):
-            w = checked_weight(view, name, "gptaq")
-            results[name], _ = gptaq_quantize(
-                w, hessian_of(view, name, "gptaq"), view.stats[name].fp_cross, spec, block_size=block_size,
-                damp=damp, act_order=act_order, static_groups=static_groups, alpha=alpha,
-                qparams=view.specs[name].weight_qparams, label=view.label(name))
-        return store(view, state, results)
+    def round_weight(view, name, w, spec):
+        return gptaq_quantize(w, hessian_of(view, name, "gptaq"), view.stats[name].fp_cross, spec,
+                              block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                              alpha=alpha, qparams=view.specs[name].weight_qparams, label=view.label(name))[0]
 
-    return QTransform(lambda view: WeightsState({}), update)
+    return weights_rounder("gptaq", round_weight)

@@ -39,7 +39,6 @@ tests check.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -47,8 +46,9 @@ import torch
 from qnpu.qcore import QSpec, QTensor, choose_qparams, qparams_shape, quantize, zero_point_in_domain
 
 from .base import QTransform, register_transform
-from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable, store
-from .view import BlockView, TransformError
+from .checks import check_flags, check_int, check_range
+from .rounder import dead_columns, hessian_of, weights_rounder
+from .view import TransformError
 
 MAX_DAMP_RETRIES = 5
 _BASE = 512  # triangle sizes below which a LAPACK kernel beats splitting into GEMMs
@@ -60,14 +60,10 @@ def _error(method: str, label: str, problem: str, fix: str) -> TransformError:
 
 
 def check_options(method: str, block_size, damp, act_order, static_groups) -> None:
-    """ValueError naming the bad factory / core argument."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"{method}: block_size={block_size!r}; allowed: an int > 0 (128 is the paper's)")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
-        raise ValueError(f"{method}: damp={damp!r}; allowed: a finite number > 0 (fraction of mean(diag H))")
-    for name, value in (("act_order", act_order), ("static_groups", static_groups)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{method}: {name}={value!r}; allowed: True | False")
+    """ValueError naming the bad factory / core argument (`qnpu.transforms.checks`)."""
+    check_int(method, "block_size", block_size, hint="(128 is the paper's)")
+    check_range(method, "damp", damp, 0, open_lo=True, hint="(fraction of mean(diag H))")
+    check_flags(method, act_order=act_order, static_groups=static_groups)
 
 
 def _check_spec(method: str, label: str, spec: QSpec, shape: tuple[int, int]) -> None:
@@ -408,14 +404,9 @@ def gptq(block_size: int = 128, damp: float = 0.01, act_order: bool = True, stat
     The recipe's config records ``act_order`` and ``static_groups`` (the group mode)."""
     check_options("gptq", block_size, damp, act_order, static_groups)
 
-    def update(view: BlockView, state: WeightsState):
-        results = {}
-        for name, spec in quantizable(view, "gptq"):
-            w = checked_weight(view, name, "gptq")
-            results[name], _ = gptq_quantize(
-                w, hessian_of(view, name, "gptq"), spec, block_size=block_size, damp=damp,
-                act_order=act_order, static_groups=static_groups, qparams=view.specs[name].weight_qparams,
-                label=view.label(name))
-        return store(view, state, results)
+    def round_weight(view, name, w, spec):
+        return gptq_quantize(w, hessian_of(view, name, "gptq"), spec, block_size=block_size, damp=damp,
+                             act_order=act_order, static_groups=static_groups,
+                             qparams=view.specs[name].weight_qparams, label=view.label(name))[0]
 
-    return QTransform(lambda view: WeightsState({}), update)
+    return weights_rounder("gptq", round_weight)

@@ -42,7 +42,6 @@ rejected.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -51,7 +50,8 @@ from qnpu.qcore import MixedTensor, QSpec, choose_qparams
 
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
-from .rounding import WeightsState, checked_weight, dead_columns, hessian_of, quantizable
+from .checks import check_choice, check_int, check_range
+from .rounder import WeightsState, core_errors, hessian_of, live_hessian, no_scale_search, round_each, store_weights
 from .view import BlockView, fail
 
 
@@ -87,8 +87,7 @@ class SlimLLMState(NamedTuple):
 def allocate_bits(salience: torch.Tensor, bits: int, pairs: int) -> torch.Tensor:
     """SBA: the ``pairs`` most salient groups get ``bits + 1``, the ``pairs`` least salient ``bits - 1``."""
     n = salience.numel()
-    if not 0 <= pairs <= n // 2:
-        raise ValueError(f"pairs={pairs} must lie in 0..{n // 2} for {n} groups")
+    check_int("allocate_bits", "pairs", pairs, 0, n // 2, hint=f"(for {n} groups)")
     order = torch.argsort(salience, descending=True, stable=True)
     out = torch.full((n,), bits, dtype=torch.int32)
     out[order[:pairs]] = bits + 1
@@ -149,8 +148,7 @@ def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSp
     factor ``u`` of the damped inverse Hessian, group ``g`` rounded at ``group_bits[g]`` bits
     (binarized at 1 bit; ``one_bit="grid"``, an ablation, rounds 1-bit groups to the spec's 1-bit
     grid instead, ``{0, x}`` when asymmetric). Returns the `MixedTensor` of the error-compensated weights."""
-    if one_bit not in ("binarize", "grid"):
-        raise ValueError(f"one_bit={one_bit!r}; allowed: 'binarize' | 'grid'")
+    check_choice("mixed_gptq", "one_bit", one_bit, ("binarize", "grid"))
     w = w.clone()
     out, n_in = w.shape
     n_groups = n_in // group_size
@@ -219,12 +217,6 @@ def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bi
                       mean_bits=float(alloc.double().mean()), group_size=group_size, objective=objective)
 
 
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        allowed = f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}"
-        raise ValueError(f"slim_llm: {name}={value!r}; allowed: {allowed}")
-
-
 def _check_spec(view: BlockView, name: str, spec: QSpec, bits: int, group_size: int) -> None:
     def bad(problem: str, fix: str) -> None:
         fail("slim_llm", view, name, problem, fix)
@@ -242,9 +234,7 @@ def _check_spec(view: BlockView, name: str, spec: QSpec, bits: int, group_size: 
     if spec.symmetric and bits - 1 < 2:
         bad(f"a symmetric grid cannot have {bits - 1} bit(s), which the allocation gives the least salient groups",
             f"use symmetric=False, e.g. {want}, or bits >= 3")
-    if view.specs[name].weight_qparams is not None:
-        bad("weight_qparams from a scale search are set, but each group's bit width is chosen here",
-            "drop the scale search before slim_llm()")
+    no_scale_search(view, name, "slim_llm", "each group's bit width is chosen here")
     n_in = view.weight(name).shape[1]
     if n_in % group_size:
         divisors = [d for d in range(1, n_in + 1) if n_in % d == 0]
@@ -263,29 +253,25 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
     `SlimLLMState.weights[name]` holds the `SlimWeight` and ``SlimLLMState.quantized`` the
     `WeightsState` of the `MixedTensor` s. See the module docstring.
     """
-    _check_int("bits", bits, 2, 7)
-    _check_int("group_size", group_size, 1)
-    _check_int("sqc_grid", sqc_grid, 1)
-    if max_pairs is not None:
-        _check_int("max_pairs", max_pairs, 0)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0 or not math.isfinite(damp):
-        raise ValueError(f"slim_llm: damp={damp!r}; allowed: a finite number > 0")
+    check_int("slim_llm", "bits", bits, 2, 7)
+    check_int("slim_llm", "group_size", group_size)
+    check_int("slim_llm", "sqc_grid", sqc_grid)
+    check_int("slim_llm", "max_pairs", max_pairs, 0, none="all pairs")
+    check_range("slim_llm", "damp", damp, 0, open_lo=True)
+
+    def check(view, name, spec):
+        _check_spec(view, name, spec, bits, group_size)
+        live_hessian(view, name, "slim_llm")  # warns, or refuses a layer with no live input
+
+    def round_weight(view, name, w, spec):
+        with core_errors(view, name, "slim_llm", "increase damp or recalibrate with more tokens"):
+            return slim_llm_quantize(w, hessian_of(view, name, "slim_llm"), spec, bits=bits, group_size=group_size,
+                                     damp=damp, sqc_grid=sqc_grid, max_pairs=max_pairs)
 
     def update(view: BlockView, state: SlimLLMState):
-        results, updates, qweights = {}, {}, {}
-        for name, spec in quantizable(view, "slim_llm"):
-            _check_spec(view, name, spec, bits, group_size)
-            hessian = hessian_of(view, name, "slim_llm")
-            dead_columns(hessian, "slim_llm", view.label(name))  # warns, or refuses a layer with no live input
-            w = checked_weight(view, name, "slim_llm")
-            try:
-                sw = slim_llm_quantize(w, hessian, spec, bits=bits, group_size=group_size, damp=damp,
-                                       sqc_grid=sqc_grid, max_pairs=max_pairs)
-            except ValueError as err:
-                fail("slim_llm", view, name, str(err), "increase damp or recalibrate with more tokens")
-            results[name], qweights[name] = sw, sw.qweight
-            updates[f"{name}.weight"] = sw.qweight.dequantize(w.dtype)
-        return view.with_params(updates), SlimLLMState({**state.weights, **results},
-                                                       WeightsState({**state.quantized.qweights, **qweights}))
+        results = round_each(view, "slim_llm", round_weight, check=check)
+        quantized = {name: sw.qweight for name, sw in results.items()}
+        return store_weights(view, quantized), SlimLLMState({**state.weights, **results},
+                                                            WeightsState({**state.quantized.qweights, **quantized}))
 
     return QTransform(lambda view: SlimLLMState({}, WeightsState({})), update)

@@ -55,7 +55,8 @@ from qnpu.qcore import QSpec, fake_quantize
 
 from .base import QTransform, register_state, register_transform
 from .block import attention_output, mlp_output, rms_norm
-from .rounding import checked_weight, quantizable
+from .checks import check_choice, check_flags, check_int, check_range
+from .rounder import checked_weight, quantizable
 from .scale_search import (
     CHUNK_ELEMENTS,
     candidate_ratios,
@@ -220,11 +221,6 @@ def pair_score(view: BlockView, producer: str, consumers: tuple[str, ...], *, sc
     return layer_score([(view.weight(c).to(cdt), x, spec) for (c, spec), x in zip(specs, xs)])
 
 
-def _check_int(name: str, value, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise ValueError(f"awq: {name}={value!r} is invalid; allowed: an int >= {lowest}")
-
-
 SCORES = ("module", "layers")
 
 
@@ -252,17 +248,13 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
     Clipping covers every target with a uniform weight spec (``clip_qk=False``: all but q and k,
     as llm-awq). Binary specs are not clipped.
     """
-    _check_int("grid", grid, 1)
-    _check_int("clip_grid", clip_grid, 2)
-    _check_int("max_tokens", max_tokens, 1)
-    if not isinstance(clip, bool):
-        raise ValueError(f"awq: clip={clip!r} is invalid; allowed: True | False")
-    if isinstance(min_clip, bool) or not isinstance(min_clip, (int, float)) or not 0 < min_clip <= 1:
-        raise ValueError(f"awq: min_clip={min_clip!r} is invalid; allowed: a number in (0, 1]")
-    if score not in SCORES:
-        raise ValueError(f"awq: score={score!r} is invalid; allowed: {' | '.join(SCORES)}")
-    if not isinstance(clip_qk, bool):
-        raise ValueError(f"awq: clip_qk={clip_qk!r} is invalid; allowed: True | False")
+    check_int("awq", "grid", grid)
+    check_int("awq", "clip_grid", clip_grid, 2)
+    check_int("awq", "max_tokens", max_tokens)
+    check_flags("awq", clip=clip)
+    check_range("awq", "min_clip", min_clip, 0, 1, open_lo=True)
+    check_choice("awq", "score", score, SCORES)
+    check_flags("awq", clip_qk=clip_qk)
 
     def update(view: BlockView, state: AWQState):
         quantizable(view, "awq")  # a recipe without weight specs is wrong: say so first

@@ -15,6 +15,7 @@ from typing import NamedTuple
 from qnpu.qcore import QSpec
 
 from .base import EmptyState, QTransform, register_state, register_transform, union_reads
+from .checks import refuse
 from .view import BlockView, LinearSpec, fail
 
 KEEP = "keep"
@@ -31,14 +32,14 @@ def _matches(pattern: str, label: str) -> bool:
     return fnmatch.fnmatchcase(label, pattern)
 
 
-def _check_pattern(pattern: str) -> None:
+def _check_pattern(method: str, pattern: str) -> None:
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"pattern={pattern!r} must be a non-empty glob or 're:<regex>' string")
+        refuse(method, "pattern", pattern, "a non-empty glob or 're:<regex>' string")
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
         except re.error as err:
-            raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {err}") from None
+            refuse(method, "pattern", pattern, f"a valid regular expression after 're:' (here: {err})")
 
 
 @register_transform("chain", reads=lambda transforms: union_reads(transforms))
@@ -68,7 +69,7 @@ def _narrow(view: BlockView, keep) -> BlockView:
 @register_transform("masked", reads=lambda pattern, inner: union_reads([inner]))
 def masked(pattern: str, inner: QTransform) -> QTransform:
     """Run ``inner`` on the targets whose label matches ``pattern``; others are left alone."""
-    _check_pattern(pattern)
+    _check_pattern("masked", pattern)
 
     def init(view: BlockView):
         return inner.init(_narrow(view, lambda n: _matches(pattern, view.label(n))))
@@ -93,7 +94,7 @@ def partition(rules: dict, default: QTransform | None = None) -> QTransform:
     """Route each target to the transform of the first pattern in ``rules`` its label matches
     (insertion order), else to ``default`` (None: leave it alone)."""
     for pattern in rules:
-        _check_pattern(pattern)
+        _check_pattern("partition", pattern)
     routes = list(rules.items()) + ([("re:.*", default)] if default is not None else [])
 
     def owner(view: BlockView, name: str) -> int:
@@ -131,7 +132,7 @@ def quant_specs(weight: QSpec | None | str = KEEP, activation: QSpec | None | st
     ``axis=0``, per-group ``axis=-1``."""
     for name, spec in (("weight", weight), ("activation", activation)):
         if not (spec is None or spec == KEEP or isinstance(spec, QSpec)):
-            raise ValueError(f"quant_specs: {name}={spec!r}; allowed: a QSpec, None or 'keep'")
+            refuse("quant_specs", name, spec, "a QSpec, None or 'keep'")
     if isinstance(weight, QSpec):
         if weight.granularity == "group" and weight.axis not in (-1, 1):
             raise ValueError("quant_specs: a per-group weight spec must group along the input dim; "

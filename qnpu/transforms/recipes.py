@@ -34,6 +34,7 @@ from .activations import activation_scales
 from .awq import awq
 from .base import QTransform, recipe_from_dict, registered_transforms
 from .billm import billm
+from .checks import check_int
 from .combinators import chain, masked, quant_specs
 from .gptaq import gptaq
 from .gptq import gptq
@@ -113,8 +114,7 @@ def _check(name: str) -> str:
 
 def get(name: str, group_size: int | None = None) -> QTransform:
     """The built-in recipe ``name`` (per-channel weights, or groups of ``group_size`` along the input)."""
-    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-        raise ValueError(f"group_size={group_size!r}; allowed: None (per-channel) or an int > 0")
+    check_int("recipes.get", "group_size", group_size, none="per-channel")
     return _RECIPES[_check(name)][1](group_size)
 
 
@@ -178,8 +178,6 @@ def _check_entries(obj, where: str) -> None:
             hint = f", did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"unknown transform {name!r}{hint} (at {where}; registered transforms: "
                              f"{', '.join(known)})")
-        seed = obj.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{name}: seed={seed!r}; allowed: an int >= 0 (at {where})")
+        check_int(name, "seed", obj.get("seed", 0), 0, hint=f"(at {where})")
     for key, value in obj.items():
         _check_entries(value, key if where == "the top level" else f"{where}.{key}")

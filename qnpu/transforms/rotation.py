@@ -46,6 +46,7 @@ import torch
 from qnpu.qcore import hadamard_transform, is_hadamard_order, random_hadamard
 
 from .base import QTransform, register_state, register_transform
+from .checks import check_choice, check_flags, check_int
 from .view import BlockView, LinearStats, TransformError, fail
 
 NAME = "hadamard_rotation"
@@ -65,8 +66,7 @@ class RotationState(NamedTuple):
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"{NAME}: kind={kind!r}; allowed: {' | '.join(map(repr, KINDS))}")
+    check_choice(NAME, "kind", kind, KINDS)
 
 
 @functools.lru_cache(maxsize=4)
@@ -214,12 +214,9 @@ def hadamard_rotation(seed: int = 0, kind: str = "hadamard", online: bool = True
     Put it before scale searches, smoothing (``pairs='norms'``; up -> down smoothing is not exact
     behind the online Hadamard) and rounders: they then work in the rotated basis.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{NAME}: seed={seed!r}; allowed: an int >= 0")
+    check_int(NAME, "seed", seed, 0)
     _check_kind(kind)
-    for name, flag in (("online", online), ("per_head", per_head)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{NAME}: {name}={flag!r}; allowed: True | False")
+    check_flags(NAME, online=online, per_head=per_head)
 
     def init(view: BlockView) -> RotationState:
         return RotationState(seed, kind, (view.structure.down,) if online else (), per_head)

@@ -28,7 +28,8 @@ from qnpu.qcore import QSpec, choose_qparams
 from qnpu.qcore.layout import normalized_axis, reduce
 
 from .base import QTransform, register_state, register_transform
-from .rounding import checked_weight, quantizable
+from .checks import check_flags, check_int, check_range
+from .rounder import checked_weight, quantizable
 from .view import BlockView, fail
 
 # Elements of one [candidates, *weight] temporary; keeps a search of a 4096 x 11008 weight
@@ -263,11 +264,6 @@ def _search_transform(transform: str, choose) -> QTransform:
     return QTransform(lambda view: ScaleSearchState({}, {}), update)
 
 
-def _check_number(transform: str, name: str, value, ok: bool, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        raise ValueError(f"{transform}: {name}={value!r} is invalid; allowed: {allowed}")
-
-
 @register_transform("minmax_scales", reads=())
 def minmax_scales() -> QTransform:
     """The explicit baseline: absmax (symmetric) / min-max (asymmetric) qparams per slice, i.e.
@@ -284,8 +280,7 @@ def minmax_scales() -> QTransform:
 def percentile_scales(percentile: float = 99.9) -> QTransform:
     """Clip each slice at the ``percentile``-th percentile of ``|w|`` (symmetric) or at the
     ``100 - p`` / ``p`` percentiles of ``w`` (asymmetric); see `percentile_qparams`."""
-    _check_number("percentile_scales", "percentile", percentile,
-                  isinstance(percentile, (int, float)) and 0 < percentile <= 100, "a number in (0, 100]")
+    check_range("percentile_scales", "percentile", percentile, 0, 100, open_lo=True)
 
     def choose(view, name, w, spec):
         return percentile_qparams(w, spec, float(percentile))
@@ -303,14 +298,10 @@ def mse_scale_search(grid: int = 100, min_ratio: float = 0.5, norm: float = 2.0,
     the output error of a row is ``||X (w - q)||^2 / n = (w - q)^T H (w - q)``, and keeping only the
     diagonal of ``H`` gives ``sum_j H_jj (w_j - q_j)^2`` (with ``norm = 2``), which stays separable
     per slice."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"mse_scale_search: grid={grid!r} is invalid; allowed: an int >= 2")
-    _check_number("mse_scale_search", "min_ratio", min_ratio,
-                  isinstance(min_ratio, (int, float)) and 0 < min_ratio <= 1, "a number in (0, 1]")
-    _check_number("mse_scale_search", "norm", norm,
-                  isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0, "a finite number > 0")
-    if not isinstance(weighted, bool):
-        raise ValueError(f"mse_scale_search: weighted={weighted!r} is invalid; allowed: True | False")
+    check_int("mse_scale_search", "grid", grid, 2)
+    check_range("mse_scale_search", "min_ratio", min_ratio, 0, 1, open_lo=True)
+    check_range("mse_scale_search", "norm", norm, 0, open_lo=True)
+    check_flags("mse_scale_search", weighted=weighted)
 
     def choose(view, name, w, spec):
         d = None

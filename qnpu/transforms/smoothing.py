@@ -37,6 +37,7 @@ from qnpu.qcore import fake_quantize, mse
 
 from .base import QTransform, register_state, register_transform
 from .block import block_forward
+from .checks import check_choice, check_flags, check_range, refuse
 from .stats import scale_stats
 from .view import BlockStructure, BlockView, fail
 
@@ -228,15 +229,13 @@ def smoothquant(alpha: float = 0.5, search: bool = False, grid: list | tuple = D
     A pair is smoothed when all its consumers are targets. Producers are rescaled even when they
     are not targets (the inverse scale must go somewhere), so run this before weight rounders.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{NAME}: alpha={alpha!r}; allowed: a number in [0, 1]")
-    if not isinstance(search, bool):
-        raise ValueError(f"{NAME}: search={search!r}; allowed: True | False")
-    if (not isinstance(grid, (list, tuple)) or not grid
-            or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0 for a in grid)):
-        raise ValueError(f"{NAME}: grid={grid!r}; allowed: a non-empty list of numbers in [0, 1]")
-    if pairs not in PAIR_MODES:
-        raise ValueError(f"{NAME}: pairs={pairs!r}; allowed: {' | '.join(map(repr, PAIR_MODES))}")
+    check_range(NAME, "alpha", alpha, 0, 1)
+    check_flags(NAME, search=search)
+    if not isinstance(grid, (list, tuple)) or not grid:
+        refuse(NAME, "grid", grid, "a non-empty list of numbers in [0, 1]")
+    for i, a in enumerate(grid):
+        check_range(NAME, f"grid[{i}]", a, 0, 1)
+    check_choice(NAME, "pairs", pairs, PAIR_MODES)
     candidates = tuple(float(a) for a in grid)
 
     def init(view: BlockView) -> SmoothState:

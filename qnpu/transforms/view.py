@@ -18,6 +18,8 @@ import torch
 
 from qnpu.qcore import QSpec
 
+from .checks import check_int
+
 
 @dataclass(frozen=True, kw_only=True)
 class BlockStructure:
@@ -49,9 +51,7 @@ class BlockStructure:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockStructure: {name}={value!r} must be a positive int")
+            check_int("BlockStructure", name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"BlockStructure: num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")

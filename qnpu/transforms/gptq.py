@@ -151,33 +151,27 @@ def _lower_inverse_into(lower: torch.Tensor, out: torch.Tensor) -> None:
     _lower_inverse_into(lower[h:, h:], out[h:, h:])
     out[:h, h:].zero_()
     c_a = torch.empty(n - h, h, dtype=lower.dtype)
-    _times_lower_into(lower[h:, :h], out[:h, :h], c_a)
-    _lower_times_into(out[h:, h:], c_a, out[h:, :h])
+    _triangle_product_into(out[:h, :h], lower[h:, :h], c_a, left=False)
+    _triangle_product_into(out[h:, h:], c_a, out[h:, :h], left=True)
     out[h:, :h].neg_()
 
 
-def _lower_times_into(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = t @ x`` for lower-triangular ``t``: ``[[P, 0], [Q, R]] [x1; x2] = [P x1; Q x1 + R x2]``."""
+def _triangle_product_into(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, left: bool) -> None:
+    """``out = t @ x`` (``left``) or ``out = x @ t`` for lower-triangular ``t = [[P, 0], [Q, R]]``:
+    ``t x = [P x1; Q x1 + R x2]``, ``x t = [x1 P + x2 Q, x2 R]`` (``x`` split along the side ``t`` meets)."""
     m = t.shape[0]
     if m <= _BASE_PRODUCT:
-        out.copy_(t @ x)
+        out.copy_(t @ x if left else x @ t)
         return
     h = m // 2
-    _lower_times_into(t[:h, :h], x[:h], out[:h])
-    _lower_times_into(t[h:, h:], x[h:], out[h:])
-    out[h:].addmm_(t[h:, :h], x[:h])
-
-
-def _times_lower_into(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = x @ t`` for lower-triangular ``t``: ``[x1, x2] [[P, 0], [Q, R]] = [x1 P + x2 Q, x2 R]``."""
-    m = t.shape[0]
-    if m <= _BASE_PRODUCT:
-        out.copy_(x @ t)
-        return
-    h = m // 2
-    _times_lower_into(x[:, :h], t[:h, :h], out[:, :h])
-    out[:, :h].addmm_(x[:, h:], t[h:, :h])
-    _times_lower_into(x[:, h:], t[h:, h:], out[:, h:])
+    first, second = slice(None, h), slice(h, None)
+    part = (lambda a, s: a[s]) if left else (lambda a, s: a[:, s])
+    _triangle_product_into(t[first, first], part(x, first), part(out, first), left)
+    _triangle_product_into(t[second, second], part(x, second), part(out, second), left)
+    if left:
+        out[second].addmm_(t[second, first], x[first])
+    else:
+        out[:, first].addmm_(x[:, second], t[second, first])
 
 
 def _damped_factor(method: str, label: str, h: torch.Tensor, perm: torch.Tensor | None, damp: float):

@@ -9,8 +9,6 @@ from hypothesis import strategies as st
 from qnpu.qcore import QSpec, choose_qparams, fake_quantize
 from qnpu.testing import activations, block_views, random_block
 from qnpu.transforms import (
-    block_forward,
-    block_stats,
     chain,
     masked,
     quant_specs,
@@ -20,6 +18,8 @@ from qnpu.transforms import (
     state_from_dict,
     state_to_dict,
 )
+from qnpu.transforms.block import block_forward
+from qnpu.transforms.stats import block_stats
 from qnpu.transforms.awq import AWQState, awq, clip_search, pair_score
 from qnpu.transforms.scale_search import candidate_ratios
 from qnpu.transforms.view import TransformError

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qnpu.testing import random_block
-from qnpu.transforms import block_forward
+from qnpu.transforms.block import block_forward
 
 
 @pytest.mark.parametrize("bias, kv", [(False, 2), (True, 4), (False, 1)])

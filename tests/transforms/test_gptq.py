@@ -24,7 +24,6 @@ from qnpu.transforms import (
     LinearSpec,
     TransformError,
     chain,
-    linear_stats,
     quant_specs,
     recipe_from_dict,
     recipe_to_dict,
@@ -32,6 +31,7 @@ from qnpu.transforms import (
     state_from_dict,
     state_to_dict,
 )
+from qnpu.transforms.stats import linear_stats
 from qnpu.transforms.gptaq import gptaq, gptaq_quantize
 from qnpu.transforms.gptq import gptq, gptq_quantize
 

@@ -17,7 +17,6 @@ from qnpu.transforms import (
     activation_scales,
     awq,
     billm,
-    block_stats,
     chain,
     declares_reads,
     gptaq,
@@ -40,6 +39,7 @@ from qnpu.transforms import (
     smoothquant,
     state_to_dict,
 )
+from qnpu.transforms.stats import block_stats
 
 W4 = QSpec(bits=4)
 W8 = QSpec(bits=8)

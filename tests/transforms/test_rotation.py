@@ -9,18 +9,9 @@ from hypothesis import strategies as st
 
 from qnpu.qcore import is_hadamard_order, random_hadamard
 from qnpu.testing import block_views, random_block
-from qnpu.transforms import (
-    TransformError,
-    block_forward,
-    block_stats,
-    linear_stats,
-    masked,
-    recipe_from_dict,
-    recipe_to_dict,
-    rms_norm,
-    state_from_dict,
-    state_to_dict,
-)
+from qnpu.transforms import TransformError, masked, recipe_from_dict, recipe_to_dict, state_from_dict, state_to_dict
+from qnpu.transforms.block import block_forward, rms_norm
+from qnpu.transforms.stats import block_stats, linear_stats
 from qnpu.transforms.rotation import KINDS, RotationState, hadamard_rotation, rotate_edges, rotation_matrix
 
 kinds = st.sampled_from(KINDS)

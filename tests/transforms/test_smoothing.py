@@ -11,8 +11,6 @@ from qnpu.qcore import QSpec, fake_quantize, mse
 from qnpu.testing import block_views, random_block
 from qnpu.transforms import (
     TransformError,
-    block_forward,
-    block_stats,
     chain,
     masked,
     quant_specs,
@@ -21,6 +19,8 @@ from qnpu.transforms import (
     state_from_dict,
     state_to_dict,
 )
+from qnpu.transforms.block import block_forward
+from qnpu.transforms.stats import block_stats
 from qnpu.transforms.smoothing import DEFAULT_GRID, PAIR_MODES, SmoothState, smoothquant
 
 W8, W4 = QSpec(bits=8), QSpec(bits=4)

@@ -9,7 +9,7 @@ only (docs/architecture.md, "Quantized weights: one channel, three types").
 `weights_rounder(method, round_weight)` is that whole transform for an algorithm that only needs
 a function ``round_weight(view, name, w, spec) -> quantized weight``: it selects the targets
 (`quantizable`), reads each weight after a NaN/Inf check (`checked_weight`) and writes back through
-`store`. Rounders with a richer state (slim_llm) use `round_each` and `store_weights`.
+`store`. A rounder with a richer state (slim_llm) uses `round_each` and `store` itself.
 The per-linear readers (`hessian_of`, `live_hessian`, `no_scale_search`) and `core_errors` give
 every rounder the same layer-naming errors.
 """

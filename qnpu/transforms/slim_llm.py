@@ -51,7 +51,7 @@ from qnpu.qcore import MixedTensor, QSpec, choose_qparams
 from .base import QTransform, register_state, register_transform
 from .billm import column_salience, hessian_error, inverse_hessian_cholesky
 from .checks import check_choice, check_int, check_range
-from .rounder import WeightsState, core_errors, hessian_of, live_hessian, no_scale_search, round_each, store_weights
+from .rounder import WeightsState, core_errors, hessian_of, live_hessian, no_scale_search, round_each, store
 from .view import BlockView, fail
 
 
@@ -270,8 +270,7 @@ def slim_llm(bits: int = 2, group_size: int = 128, damp: float = 0.01, sqc_grid:
 
     def update(view: BlockView, state: SlimLLMState):
         results = round_each(view, "slim_llm", round_weight, check=check)
-        quantized = {name: sw.qweight for name, sw in results.items()}
-        return store_weights(view, quantized), SlimLLMState({**state.weights, **results},
-                                                            WeightsState({**state.quantized.qweights, **quantized}))
+        view, quantized = store(view, state.quantized, {name: sw.qweight for name, sw in results.items()})
+        return view, SlimLLMState({**state.weights, **results}, quantized)
 
     return QTransform(lambda view: SlimLLMState({}, WeightsState({})), update)

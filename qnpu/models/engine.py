@@ -422,7 +422,8 @@ class LayerwiseCalibration(SequentialBlocks):
             else:
                 done = self._finish_one_pass(block, index, *done)
         original, view, state, errors, qweights, act_qparams, q, reference = done
-        num = den = 0.0
+        # squared error, squared reference, non-finite outputs: summed on the device, read once per block
+        sums = torch.zeros(3, dtype=torch.float64, device=self.hidden.device)
         for rows, args, kwargs in self.batches:
             x = self.hidden[rows]
             if q is not None:
@@ -430,13 +431,15 @@ class LayerwiseCalibration(SequentialBlocks):
             out = self._forward(block, x, args, kwargs)
             if q is not None:
                 out = (out.to(q.dtype) @ q.T).to(out.dtype)
-            if not bool(torch.isfinite(out).all()):
-                raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
-                                 "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
             ref = reference[rows].double()
-            num += float((ref - out.double()).pow(2).sum())
-            den += float(ref.pow(2).sum())
+            sums[0] += (ref - out.double()).pow(2).sum()
+            sums[1] += ref.pow(2).sum()
+            sums[2] += (~torch.isfinite(out)).sum()
             self.hidden[rows] = out
+        num, den, bad = sums.tolist()
+        if bad:
+            raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
+                             "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
         state, qweights, act_qparams = self._home(block, home, state, qweights, act_qparams)
         if home != self.device:
             block.to(home)

@@ -121,3 +121,13 @@ class _Tokenizer:
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [ord(c) % 128 for c in text[:4096]]}
+
+
+def test_non_finite_block_outputs_are_still_refused_with_the_block_name():
+    # the block's output check is summed on the device and read once per block: it must still fire
+    def update(view, state):
+        norm = view.params["post_attention_layernorm.weight"]
+        return view.with_params({"post_attention_layernorm.weight": torch.full_like(norm, float("inf"))}), state
+
+    with pytest.raises(ValueError, match=r"quantized block model.layers.0 produced NaN/Inf outputs"):
+        quantize_model(tiny_llama(1), QTransform(lambda view: EmptyState(), update), calibration(), progress=False)

@@ -559,9 +559,9 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     The model is modified **in place** (blocks' linears become `QLinear`, norms and edges may
     change) and returned as ``result.model``. Each block is moved to ``device`` while it is
     calibrated and back afterwards; the recipe runs on ``recipe_device`` (default: ``device``), and
-    its results (quantized weights, static qparams, state) come back with the block. ``on_block`` is called with each `BlockResult` as soon as the
-    block is done (e.g. to stream it into a ``CheckpointWriter`` via
-    `BlockResult.checkpoint_payload`). ``float_path`` (default: whether a transform reads
+    its results (quantized weights, static qparams, state) come back with the block. ``on_block``
+    is called with each `BlockResult` as soon as the block is done (e.g. to stream it into a
+    ``CheckpointWriter`` via `BlockResult.checkpoint_payload`). ``float_path`` (default: whether a transform reads
     ``"float_path"``) keeps the float model's activations for GPTAQ's ``fp_cross``; ``hessian``
     (default: `needs_hessian`, whether a transform reads ``"hessian"``) collects ``X^T X``.
     ``data_free`` (default: whether the recipe reads nothing, `capture.is_data_free`) runs the blocks

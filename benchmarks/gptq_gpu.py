@@ -41,17 +41,16 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
+from _results import emit
 from memory_7b import SHAPE, _random, config_dict
 from qnpu.eval.efficiency import device_sync
 from qnpu.models.engine import LayerwiseCalibration, progress_bar
 from qnpu.models.families import block_structure, family_for
 from qnpu.transforms import recipes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ANCHOR = {"tool": "llm-compressor", "s_per_layer": 6.6, "device": "H100", "scheme": "GPTQ W4A16, Llama-7B"}
 GRIDS = {"g128": 128, "channel": None}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -207,13 +206,7 @@ def main(argv=None) -> int:
                            "hidden": dims["hidden_size"], "intermediate": dims["intermediate_size"],
                            "heads": dims["num_attention_heads"], "seed": args.seed},
               "environment": environment(args.device)}
-    text, table = json.dumps(report, indent=2), to_markdown(report)
-    if args.device.startswith("cuda") and not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "gptq_gpu.json").write_text(text + "\n")
-        (RESULTS / "gptq_gpu.md").write_text(table)
-    print(text)
-    print(table, file=sys.stderr)
+    emit("gptq_gpu", report, to_markdown(report), write=args.device.startswith("cuda") and not args.no_write)
     return 0
 
 

@@ -22,11 +22,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # factory functions whose result lands on the default device unless ``device=`` is given
-FACTORIES = frozenset({
-    torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.range, torch.eye, torch.linspace,
-    torch.logspace, torch.rand, torch.randn, torch.randint, torch.randperm, torch.tensor, torch.scalar_tensor,
-    torch.empty_strided, torch.as_tensor, torch.from_numpy, torch.tril_indices, torch.triu_indices,
-})
+FACTORY_NAMES = ("zeros", "ones", "empty", "full", "arange", "range", "eye", "linspace", "logspace", "rand", "randn",
+                 "randint", "randperm", "tensor", "scalar_tensor", "empty_strided", "as_tensor", "from_numpy",
+                 "tril_indices", "triu_indices")
+FACTORIES = frozenset(getattr(torch, n) for n in FACTORY_NAMES if hasattr(torch, n))
 WATCHED = ("transforms", "qcore", "models")
 
 

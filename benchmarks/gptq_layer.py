@@ -19,21 +19,19 @@ markdown table to stderr. The machine may be shared: the 1-minute load average i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from _results import emit
 from qnpu.qcore import QSpec, choose_qparams, dequantize, quantize
 from qnpu.transforms.gptq import gptq_quantize
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPEC = QSpec(bits=4)
 CHUNK = 2048
 
@@ -117,13 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as it is")
     args = parser.parse_args(argv)
     report = run(args.sizes, repeats=args.repeats, tokens=args.tokens, seed=args.seed)
-    text, table = json.dumps(report, indent=2), to_markdown(report)
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "gptq_layer.json").write_text(text + "\n")
-        (RESULTS / "gptq_layer.md").write_text(table)
-    print(text)
-    print(table, file=sys.stderr)
+    emit("gptq_layer", report, to_markdown(report), write=not args.no_write)
     return 0
 
 

@@ -193,7 +193,7 @@ def _efficiency(args) -> int:
         if key in given:
             given[key] = parse_sizes(given[key], f"--{key.replace('_', '-')}")
     data = eval_efficiency_job(grid=EfficiencyGrid(**given), model=args.model, lowered=args.lowered,
-                               output=args.output)
+                               output=args.output, device=args.device)
     if args.json:
         _print_json(data)
     else:
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_e.add_argument("--lowered", default=None, metavar="TARGET",
                      help="also lower the checkpoint to integer ops (reference | ascend) and report that perplexity")
     p_e.add_argument("--json", action="store_true", help="print one JSON object")
+    p_e.add_argument("--device", default="cpu", help="device the model is evaluated on: cpu | cuda[:i] | npu[:i]")
     p_rep = sub.add_parser("report", help="compare eval results, efficiency runs and checkpoints (FP vs quantized): "
                            "comparison.json, report.md and PNG plots")
     p_rep.add_argument("runs", nargs="+", metavar="RUN", help="a qnpu eval --output folder (summary.json, "
@@ -453,7 +454,7 @@ def _run(args, output, before) -> int:
         if args.command == "eval" and args.task is not None:
             from qnpu.jobs import eval_code_job
 
-            data = eval_code_job(model=args.model, task=args.task, **_code_eval_args(args))
+            data = eval_code_job(model=args.model, task=args.task, device=args.device, **_code_eval_args(args))
             if not args.json:
                 data = _code_eval_lines(data)
         elif args.command == "eval":
@@ -464,7 +465,8 @@ def _run(args, output, before) -> int:
             slices = args.slices or ("" if text else "docs,code")
             data = eval_job(model=args.model, slices=tuple(s for s in slices.split(",") if s),
                             eval_tokens=args.eval_tokens, lowered=args.lowered, text=args.text,
-                            text_dir=args.text_dir, skip_bad=bool(args.skip_bad), output=args.output)
+                            text_dir=args.text_dir, skip_bad=bool(args.skip_bad), output=args.output,
+                            device=args.device)
             if not args.json:
                 low = data.get("lowered")
                 data = {"model": data["model"]["name"],

@@ -362,15 +362,24 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
     return report
 
 
+def load_on(model: str | None, device: str, progress: bool):
+    """`load` (``(model, tokenizer, source)``) with the model moved to ``device`` (checked with
+    `resolve_device` by the caller before anything is loaded): qnpu eval's ``--device``."""
+    net, tokenizer, source = load(model, progress=progress)
+    return net.to(device), tokenizer, source
+
+
 def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,
              progress: bool = True, lowered: str | None = None, text: str | None = None,
-             text_dir: str | None = None, skip_bad: bool = False, output: str | None = None) -> dict:
-    """Perplexity of a model or a qnpu checkpoint on the evaluation slices; with ``lowered``, also
+             text_dir: str | None = None, skip_bad: bool = False, output: str | None = None,
+             device: str = "cpu") -> dict:
+    """Perplexity of a model or a qnpu checkpoint on ``device`` on the evaluation slices; with ``lowered``, also
     that of the checkpoint lowered to integer ops for that target (checked before loading). With
     ``text`` (a file) or ``text_dir`` (its ``*.txt`` files), also the perplexity of that text with
     the same windows (`qnpu.eval.text`; ``eval_tokens`` then caps each file), read before loading.
     With ``output`` (a folder, created before loading), the result is also written to its
     ``eval.json`` (what ``qnpu report`` reads)."""
+    resolve_device(device)
     if lowered is not None:
         check_target(lowered)
     check_counts(eval_tokens=eval_tokens)
@@ -379,7 +388,7 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
     if text is not None or text_dir is not None:
         corpus, skipped = read_texts(text_files(text, text_dir), skip_bad=skip_bad)
     folder = results_folder(output) if output is not None else None
-    net, tokenizer, source = load(model, progress=progress)
+    net, tokenizer, source = load_on(model, device, progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
     schemes = plan(net, lowered) if lowered is not None else None
@@ -401,15 +410,17 @@ def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int |
 
 
 def eval_efficiency_job(*, grid: EfficiencyGrid, model: str | None = None, lowered: str | None = None,
-                        output: str | None = None, progress: bool = True) -> dict:
+                        output: str | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """Prefill latency, decode throughput, peak memory and weight bytes (`qnpu.eval.efficiency`) of a
     model, a qnpu checkpoint (simulated) or, with ``lowered``, that checkpoint lowered for the target
     (checked before loading). Writes ``efficiency.json`` and ``efficiency.md`` to ``output`` (default
-    ``qnpu-out/eval-efficiency``); returns ``{"efficiency": ...}`` with their paths under ``outputs``."""
+    ``qnpu-out/eval-efficiency``); returns ``{"efficiency": ...}`` with their paths under ``outputs``.
+    The model is measured on ``device``."""
+    resolve_device(device)
     if lowered is not None:
         check_target(lowered)
     folder = results_folder(output if output is not None else Path("qnpu-out") / "eval-efficiency")
-    net, _, source = load(model, progress=progress)
+    net, _, source = load_on(model, device, progress)
     grid.check_fits(net)
     kind = model_kind(net)
     if lowered is not None:
@@ -425,13 +436,14 @@ def eval_efficiency_job(*, grid: EfficiencyGrid, model: str | None = None, lower
 def eval_code_job(*, task: str, model: str | None = None, data: str | None = None, limit: int | None = None,
                   cot: str | None = None, samples_per_problem: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int = 0, max_new_tokens: int = 512, output: str | None = None, skip_bad: bool = False,
-                  timeout: float = 10.0, progress: bool = True) -> dict:
-    """A code benchmark (HumanEval or MBPP, `qnpu.eval.code`) on a model or a qnpu checkpoint: pass@k
-    of its answers run in the sandbox, the reference solutions' conditional perplexity, answer
+                  timeout: float = 10.0, progress: bool = True, device: str = "cpu") -> dict:
+    """A code benchmark (HumanEval or MBPP, `qnpu.eval.code`) on a model or a qnpu checkpoint, run on
+    ``device``: pass@k of its answers run in the sandbox, the reference solutions' conditional perplexity, answer
     lengths and repetition failures, per CoT mode. Arguments, the data file and the output folder
     are checked before the model is loaded. Results go to ``output`` (default
     ``qnpu-out/eval-<task>``): ``summary.json``, ``problems.jsonl`` (written problem by problem) and
     ``report.md``; earlier results there are replaced."""
+    resolve_device(device)
     modes = check_cot(cot)
     generation = GenerationConfig(n=samples_per_problem, temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=seed)
@@ -440,7 +452,7 @@ def eval_code_job(*, task: str, model: str | None = None, data: str | None = Non
     limits = Limits(timeout_s=float(timeout), cpu_s=max(1, int(timeout)))
     problems, data_info = load_problems(task, data, limit=limit, skip_bad=skip_bad)
     folder = results_folder(output if output is not None else Path("qnpu-out") / f"eval-{task}")
-    net, tokenizer, source = load(model, progress=progress)
+    net, tokenizer, source = load_on(model, device, progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer_config.json); qnpu needs one to evaluate")
     return run_code_eval(net, tokenizer, problems, task=task, output=folder, modes=modes, generation=generation,

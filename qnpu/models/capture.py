@@ -11,6 +11,8 @@ calibration tokens (searches such as AWQ's score on it), and with a float path G
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qnpu.transforms import BlockStructure, LinearStats, QTransform, reads_of
@@ -39,16 +41,30 @@ class Stop(Exception):
     """Raised by the capture hook to end the forward once layer 0's inputs are known."""
 
 
-def to_device(obj, device):
+def to_device(obj, device, _memo: dict | None = None):
+    """``obj`` with every tensor moved to ``device``: tensors, named tuples (states, `LinearStats`),
+    lists, tuples, dicts and frozen dataclasses holding tensors (`QTensor`, `BiLLMTensor`,
+    `MixedTensor`). An object reached twice (a `WeightsState`'s QTensor also listed on its own) is
+    moved once and stays shared; anything already on ``device`` is returned as it is."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(to_device(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+        out = obj.to(device)
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        out = type(obj)(*(to_device(v, device, memo) for v in obj))
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(to_device(v, device, memo) for v in obj)
+    elif isinstance(obj, dict):
+        out = {k: to_device(v, device, memo) for k, v in obj.items()}
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        moved = {f.name: to_device(getattr(obj, f.name), device, memo) for f in dataclasses.fields(obj) if f.init}
+        same = all(moved[k] is getattr(obj, k) for k in moved)
+        out = obj if same else dataclasses.replace(obj, **moved)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
 
 
 def first_output(out) -> torch.Tensor:
@@ -63,10 +79,12 @@ class SiteStats:
         self.max_tokens, self.hessian = max_tokens, hessian
         # which rows the token sample keeps: with ``total_rows`` known, a fixed-seed uniform sample
         # over all calibration tokens (every sequence and position, sequence starts at their true
-        # 1-in-seq_len rate); without it, the first ``max_tokens`` rows
+        # 1-in-seq_len rate); without it, the first ``max_tokens`` rows. Drawn on the CPU, so every
+        # device keeps the same rows.
         self.keep = None
         if total_rows is not None and total_rows > max_tokens:
-            pick = torch.randperm(total_rows, generator=torch.Generator().manual_seed(0))[:max_tokens]
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            pick = torch.randperm(total_rows, generator=gen, device="cpu")[:max_tokens]
             self.keep = torch.sort(pick).values
         self.n = 0
         self.gram = self.cross = self.absmax = None
@@ -92,7 +110,7 @@ class SiteStats:
             inside = self.keep[(self.keep >= self.n) & (self.keep < self.n + rows.shape[0])]
             index, take = (inside - self.n).to(rows.device), inside.numel()
         if take:
-            self.tokens.append(rows[index].cpu())
+            self.tokens.append(rows[index])
         if fp_x is not None:
             fp_rows = fp_x.detach().reshape(-1, x.shape[-1]).float()
             if self.cross is None:
@@ -100,15 +118,16 @@ class SiteStats:
             else:
                 self.cross.addmm_((fp_rows - rows).T, rows)
             if take:
-                self.fp_tokens.append(fp_rows[index].cpu())
+                self.fp_tokens.append(fp_rows[index])
         self.kept += take
         self.n += rows.shape[0]
 
     def result(self) -> LinearStats:
         def mean(t):
-            return None if t is None else t.div_(self.n).cpu()
+            return None if t is None else t.div_(self.n)
 
-        return LinearStats(hessian=mean(self.gram), absmax=self.absmax.cpu(), tokens=torch.cat(self.tokens),
+        # on the device the inputs came on; the engine moves them to the recipe's device
+        return LinearStats(hessian=mean(self.gram), absmax=self.absmax, tokens=torch.cat(self.tokens),
                            fp_tokens=torch.cat(self.fp_tokens) if self.fp_tokens else None,
                            fp_cross=mean(self.cross))
 

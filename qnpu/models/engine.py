@@ -14,8 +14,9 @@ This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For ev
    When a transform reads the float path (``"float_path"``, GPTAQ) it is kept too: the float block
    also runs on the float model's own inputs ``X_fp`` (outputs of the float blocks before it),
    giving ``fp_cross = (X_fp - X)^T X / n`` and ``fp_tokens`` (Li et al. 2025);
-3. ``recipe.init`` / ``recipe.update`` run on a `BlockView` of the block's params (on CPU: qcore and
-   the transforms build CPU tensors), and the result is written back: norm weights in place,
+3. ``recipe.init`` / ``recipe.update`` run on a `BlockView` of the block's params and statistics on
+   ``recipe_device`` (default: ``device``; the transforms compute where their inputs are), and the
+   result is written back: norm weights in place,
    every linear with a weight or activation spec or an online Hadamard becomes a `QLinear`
    (a static activation spec whose ``(scale, zero_point)`` no ``activation_scales`` step fixed gets
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
@@ -191,7 +192,7 @@ class LayerwiseCalibration(SequentialBlocks):
 
     def __init__(self, recipe: QTransform, family: Family, structure: BlockStructure, *, device="cpu",
                  batch_size: int = 8, max_stat_tokens: int = 2048, block_input_sample: int = 4,
-                 error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
+                 error_tokens: int = 128, float_path: bool | None = None, recipe_device=None,
                  hessian: bool | None = None, data_free: bool | None = None,
                  error_sample: tuple[int, int] = ERROR_SAMPLE, true_sequential: bool | None = None) -> None:
         if not isinstance(recipe, QTransform):
@@ -204,7 +205,8 @@ class LayerwiseCalibration(SequentialBlocks):
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in error_sample)):
             raise ValueError(f"error_sample={error_sample!r}; allowed: (sequences, tokens), two ints >= 1")
         self.recipe, self.family, self.structure = recipe, family, structure
-        self.device, self.recipe_device = torch.device(device), torch.device(recipe_device)
+        self.device = torch.device(device)
+        self.recipe_device = self.device if recipe_device is None else torch.device(recipe_device)
         self.batch_size, self.max_stat_tokens = batch_size, max_stat_tokens
         self.block_input_sample, self.error_tokens = block_input_sample, error_tokens
         self.float_path = needs_float_path(recipe) if float_path is None else bool(float_path)
@@ -401,7 +403,7 @@ class LayerwiseCalibration(SequentialBlocks):
         if found is None:
             return None
         dtype = torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
-        return rotation_matrix(self.structure.hidden_size, found[0], found[1], dtype=dtype).to(self.device)
+        return rotation_matrix(self.structure.hidden_size, found[0], found[1], dtype=dtype, device=self.device)
 
     def _step(self, block: nn.Module, index: int, prefix: str) -> BlockResult:
         start = time.perf_counter()
@@ -420,7 +422,8 @@ class LayerwiseCalibration(SequentialBlocks):
             else:
                 done = self._finish_one_pass(block, index, *done)
         original, view, state, errors, qweights, act_qparams, q, reference = done
-        num = den = 0.0
+        # squared error, squared reference, non-finite outputs: summed on the device, read once per block
+        sums = torch.zeros(3, dtype=torch.float64, device=self.hidden.device)
         for rows, args, kwargs in self.batches:
             x = self.hidden[rows]
             if q is not None:
@@ -428,13 +431,16 @@ class LayerwiseCalibration(SequentialBlocks):
             out = self._forward(block, x, args, kwargs)
             if q is not None:
                 out = (out.to(q.dtype) @ q.T).to(out.dtype)
-            if not bool(torch.isfinite(out).all()):
-                raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
-                                 "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
             ref = reference[rows].double()
-            num += float((ref - out.double()).pow(2).sum())
-            den += float(ref.pow(2).sum())
+            sums[0] += (ref - out.double()).pow(2).sum()
+            sums[1] += ref.pow(2).sum()
+            sums[2] += (~torch.isfinite(out)).sum()
             self.hidden[rows] = out
+        num, den, bad = sums.tolist()
+        if bad:
+            raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
+                             "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
+        state, qweights, act_qparams = self._home(block, home, state, qweights, act_qparams)
         if home != self.device:
             block.to(home)
         params = {k: v.detach() for k, v in block.state_dict(keep_vars=True).items()}
@@ -443,6 +449,17 @@ class LayerwiseCalibration(SequentialBlocks):
                            state=state, params=params, seconds=time.perf_counter() - start,
                            output_error=_relative(num, den), linear_errors=errors, qweights=qweights,
                            act_qparams=act_qparams)
+
+    @staticmethod
+    def _home(block: nn.Module, home: torch.device, state, qweights: dict, act_qparams: dict):
+        """The recipe's results moved to the block's own device (they were made on the recipe's), and
+        the block's `QLinear`s pointed at the moved ones, so moving the block copies nothing twice."""
+        state, qweights, act_qparams = to_device((state, qweights, act_qparams), home)
+        for name, module in block.named_modules():
+            if isinstance(module, QLinear):
+                module.qweight = qweights.get(name, module.qweight)
+                module.act_qparams = act_qparams.get(name, module.act_qparams)
+        return state, qweights, act_qparams
 
     def _one_pass(self, block: nn.Module, prefix: str):
         """Float statistics of every linear, then the recipe on the whole block at once."""
@@ -533,7 +550,7 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                    batch_size: int = 8, progress: bool = True, max_stat_tokens: int = 2048,
                    block_input_sample: int = 4, on_block: Callable[[BlockResult], None] | None = None,
                    error_tokens: int = 128, float_path: bool | None = None,
-                   recipe_device="cpu", hessian: bool | None = None, data_free: bool | None = None,
+                   recipe_device=None, hessian: bool | None = None, data_free: bool | None = None,
                    error_sample: tuple[int, int] = ERROR_SAMPLE,
                    true_sequential: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
@@ -541,10 +558,10 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
 
     The model is modified **in place** (blocks' linears become `QLinear`, norms and edges may
     change) and returned as ``result.model``. Each block is moved to ``device`` while it is
-    calibrated and back afterwards; the recipe runs on ``recipe_device`` (CPU: qcore and the
-    transforms build CPU tensors). ``on_block`` is called with each `BlockResult` as soon as the
-    block is done (e.g. to stream it into a ``CheckpointWriter`` via
-    `BlockResult.checkpoint_payload`). ``float_path`` (default: whether a transform reads
+    calibrated and back afterwards; the recipe runs on ``recipe_device`` (default: ``device``), and
+    its results (quantized weights, static qparams, state) come back with the block. ``on_block``
+    is called with each `BlockResult` as soon as the block is done (e.g. to stream it into a
+    ``CheckpointWriter`` via `BlockResult.checkpoint_payload`). ``float_path`` (default: whether a transform reads
     ``"float_path"``) keeps the float model's activations for GPTAQ's ``fp_cross``; ``hessian``
     (default: `needs_hessian`, whether a transform reads ``"hessian"``) collects ``X^T X``.
     ``data_free`` (default: whether the recipe reads nothing, `capture.is_data_free`) runs the blocks

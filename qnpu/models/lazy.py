@@ -136,7 +136,7 @@ def _config_dtype(config: dict) -> torch.dtype:
 def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_ids: torch.Tensor, *,
                        on_block: Callable[[BlockResult], None], device="cpu", batch_size: int = 8,
                        progress: bool = True, max_stat_tokens: int = 2048, block_input_sample: int = 4,
-                       error_tokens: int = 128, float_path: bool | None = None, recipe_device="cpu",
+                       error_tokens: int = 128, float_path: bool | None = None, recipe_device=None,
                        hessian: bool | None = None, dtype: torch.dtype | None = None, data_free: bool | None = None,
                        error_sample: tuple[int, int] = ERROR_SAMPLE,
                        true_sequential: bool | None = None) -> QuantizeResult:

@@ -13,6 +13,8 @@ from torch import nn
 
 from qnpu.qcore import QSpec, QWeight, fake_quantize, hadamard_transform
 
+from .capture import to_device
+
 
 class QLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` holding a fake-quantized weight and activation spec."""
@@ -32,6 +34,14 @@ class QLinear(nn.Module):
         self.act_qparams = act_qparams
         self.online_hadamard = online_hadamard
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def _apply(self, fn, recurse=True):
+        # `.to(device)` / `.cuda()` move the static input qparams and the quantized weight with the
+        # module (they are plain attributes, not buffers); dtype casts leave them as stored
+        super()._apply(fn, recurse)
+        self.act_qparams = to_device(self.act_qparams, self.weight.device)
+        self.qweight = to_device(self.qweight, self.weight.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_hadamard:

@@ -20,7 +20,7 @@ def replaced_linears(specs: Mapping[str, LinearSpec | None], online_hadamard: tu
 
 @dataclass
 class BlockResult:
-    """What one block's calibration produced (``params`` / ``qweights`` / ``act_qparams`` on CPU).
+    """What one block's calibration produced (``params`` / ``qweights`` / ``act_qparams`` on the block's own device).
 
     specs:        final `LinearSpec` per linear (block-relative names).
     state:        the recipe's state pytree for this block.

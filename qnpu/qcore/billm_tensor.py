@@ -118,7 +118,7 @@ class BiLLMTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight it stands for (module docstring), computed in the scale's precision."""
         n_in = self.codes.shape[1]
-        blk = torch.arange(n_in) // self.block_size
+        blk = torch.arange(n_in, device=self.codes.device) // self.block_size
         a, mu = self.scale[:, :, blk], self.offset[:, :, blk]
         c = self.codes.to(a.dtype)
         r = torch.zeros_like(c)
@@ -162,7 +162,7 @@ class BiLLMTensor:
         def signs(key: str, rows: int, cols: int) -> torch.Tensor:
             return (unpack_bitstream(tensors[key], 1, rows * cols).reshape(rows, cols) * 2 - 1).to(torch.int8)
 
-        sparse = torch.zeros(out, n_in, dtype=torch.bool)
+        sparse = torch.zeros(out, n_in, dtype=torch.bool, device=salient.device)
         if split:
             sparse[:, ~salient] = unpack_bitstream(tensors["sparse"], 1, out * (n_in - n_s)).reshape(
                 out, n_in - n_s).bool()
@@ -174,7 +174,7 @@ class BiLLMTensor:
             ref = tensors["scale"]
             if stored is not None and tuple(stored.shape) != (len(keep), out, nb):
                 raise ValueError(f"{key} has shape {tuple(stored.shape)}; needs {(len(keep), out, nb)}")
-            p = torch.zeros(4, out, nb, dtype=ref.dtype)
+            p = torch.zeros(4, out, nb, dtype=ref.dtype, device=ref.device)
             if stored is not None:
                 p[keep] = stored
             full.append(p)

@@ -202,13 +202,13 @@ def _core(m: int) -> np.ndarray:
     return np.ones((1, 1), dtype=np.int8) if m == 1 else _paley_core(kind, p, e)
 
 
-def hadamard(n: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense +-1 matrix ``kron(sylvester(p2), core(m))`` of order n (unnormalized)."""
+def hadamard(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Dense +-1 matrix ``kron(sylvester(p2), core(m))`` of order n (unnormalized), on ``device``."""
     p2, m, _ = hadamard_factors(n)
-    syl = torch.ones(1, 1, dtype=dtype)
+    syl = torch.ones(1, 1, dtype=dtype, device=device)
     while syl.shape[0] < p2:
         syl = torch.cat((torch.cat((syl, syl), 1), torch.cat((syl, -syl), 1)), 0)
-    return torch.kron(syl, torch.tensor(_core(m), dtype=dtype))
+    return torch.kron(syl, torch.tensor(_core(m), dtype=dtype, device=device))
 
 
 def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -252,19 +252,24 @@ def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     return y.reshape(x.shape).to(x.dtype)
 
 
-def random_signs(n: int, seed: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Deterministic +-1 vector of length n drawn from a generator seeded with ``seed``."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return (torch.randint(0, 2, (int(n),), generator=gen) * 2 - 1).to(dtype)
+def random_signs(n: int, seed: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Deterministic +-1 vector of length n drawn from a generator seeded with ``seed``, on ``device``.
+
+    Drawn by a CPU generator and moved, so the signs are the same on every device."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    signs = torch.randint(0, 2, (int(n),), generator=gen, device="cpu") * 2 - 1
+    return signs.to(device=device, dtype=dtype)
 
 
-def random_hadamard(n: int, seed: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Orthogonal ``Q = hadamard(n) @ diag(random_signs(n, seed)) / sqrt(n)``."""
-    h = hadamard(n, dtype=torch.float64) * random_signs(n, seed, dtype=torch.float64)
+def random_hadamard(n: int, seed: int, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Orthogonal ``Q = hadamard(n) @ diag(random_signs(n, seed)) / sqrt(n)``, on ``device``."""
+    h = hadamard(n, dtype=torch.float64, device=device) * random_signs(n, seed, dtype=torch.float64, device=device)
     return (h / math.sqrt(n)).to(dtype)
 
 
 def random_hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
     """``x @ random_hadamard(n, seed).T`` via the fast transform of ``x * signs``."""
-    signs = random_signs(x.shape[-1], seed, dtype=x.dtype).to(x.device)
+    signs = random_signs(x.shape[-1], seed, dtype=x.dtype, device=x.device)
     return hadamard_transform(x * signs)

@@ -107,7 +107,7 @@ class MixedTensor:
         """Per group: ``(code - zero_point) * scale`` or ``mean + scale * code`` (binarized), in the
         scale's precision."""
         gs = self.group_size
-        blk = torch.arange(self.codes.shape[1]) // gs
+        blk = torch.arange(self.codes.shape[1], device=self.codes.device) // gs
         c = self.codes.to(self.scale.dtype)
         scale, zp, mu = self.scale[:, blk], self.zero_point[:, blk].to(self.scale.dtype), self.mean[:, blk]
         binary = (self.group_bits == 1)[blk]
@@ -131,7 +131,7 @@ class MixedTensor:
                 if not self.spec.symmetric:
                     asym.append(g)
         zp = torch.stack([self.zero_point[:, g] - self.group_spec(int(self.group_bits[g])).qmin for g in asym], 1) \
-            if asym else torch.zeros(self.codes.shape[0], 0)
+            if asym else torch.zeros(self.codes.shape[0], 0, device=self.codes.device)
         return {"codes": torch.cat(streams), "group_bits": self.group_bits.to(torch.uint8),
                 "scale": self.scale.contiguous(), "zero_point": zp.to(torch.uint8),
                 "mean": self.mean[:, binary].contiguous()}
@@ -148,9 +148,9 @@ class MixedTensor:
         if bits.dtype != torch.uint8 or tuple(bits.shape) != (n_in // gs,):
             raise ValueError(f"group_bits must be uint8 [{n_in // gs}]")
         scale, stream = tensors["scale"], tensors["codes"]
-        codes = torch.empty(out, n_in, dtype=torch.int16)
-        zero_point = torch.zeros(out, n_in // gs, dtype=torch.int32)
-        mean = torch.zeros(out, n_in // gs, dtype=scale.dtype)
+        codes = torch.empty(out, n_in, dtype=torch.int16, device=scale.device)
+        zero_point = torch.zeros(out, n_in // gs, dtype=torch.int32, device=scale.device)
+        mean = torch.zeros(out, n_in // gs, dtype=scale.dtype, device=scale.device)
         start, n_asym, n_bin = 0, 0, 0
         for g, b in enumerate(bits.tolist()):
             if not 1 <= b <= 8:

@@ -49,7 +49,7 @@ def pack_bits(codes: torch.Tensor, bits: int, *, dim: int = -1, container: torch
         raise ValueError(f"codes.shape[{dim}]={n} must be a multiple of {per} to pack {bits}-bit values "
                          f"into {container}")
     v = codes.to(torch.int64).movedim(dim, -1).unflatten(-1, (n // per, per)) & ((1 << bits) - 1)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=v.device) * bits
     word = (v << shifts).sum(-1)
     return _wrap(word, _CONTAINER_BITS[container], container).movedim(-1, dim)
 
@@ -60,7 +60,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, *, dim: int = -1, signed: bool 
     width = _CONTAINER_BITS[packed.dtype]
     dim = dim % packed.ndim
     word = packed.to(torch.int64).movedim(dim, -1) & ((1 << width) - 1)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=word.device) * bits
     v = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     if signed:
         v = torch.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
@@ -125,9 +125,9 @@ def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"values must be an integer or bool tensor; got {values.dtype}")
     v = values.reshape(-1).to(torch.int64)
     _check_range(v, 0, (1 << bits) - 1, "pack_bitstream")
-    stream = ((v.unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(-1)
+    stream = ((v.unsqueeze(-1) >> torch.arange(bits, device=v.device)) & 1).reshape(-1)
     stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
-    return (stream.reshape(-1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    return (stream.reshape(-1, 8) << torch.arange(8, device=v.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -137,5 +137,5 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tenso
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise ValueError(f"a {bits}-bit stream of {count} values takes {need} uint8 bytes; got "
                          f"{str(packed.dtype).removeprefix('torch.')} of shape {tuple(packed.shape)}")
-    stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(-1)[: count * bits]
-    return (stream.reshape(count, bits) << torch.arange(bits)).sum(-1)
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)[: count * bits]
+    return (stream.reshape(count, bits) << torch.arange(bits, device=packed.device)).sum(-1)

@@ -64,7 +64,7 @@ def choose_qparams(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Te
         scale = reduce(xf, spec, "absmax") * c / spec.symmetric_levels
         zero_point = None
         if spec.format == "uint":
-            zero_point = torch.full(scale.shape, spec.symmetric_zero, dtype=torch.int32)
+            zero_point = torch.full(scale.shape, spec.symmetric_zero, dtype=torch.int32, device=scale.device)
     else:
         lo = torch.clamp(reduce(xf, spec, "amin") * c, max=0.0)
         hi = torch.clamp(reduce(xf, spec, "amax") * c, min=0.0)
@@ -104,7 +104,8 @@ def _round(v: torch.Tensor, rounding: str, generator: torch.Generator | None) ->
     if rounding == "stochastic":
         if generator is None:
             raise ValueError("rounding='stochastic' needs an explicit generator=torch.Generator().manual_seed(seed)")
-        u = torch.rand(v.shape, generator=generator, dtype=v.dtype, device=v.device)
+        # drawn where the generator lives and moved: a CPU generator gives the same draws on every device
+        u = torch.rand(v.shape, generator=generator, dtype=v.dtype, device=generator.device).to(v.device)
         return torch.floor(v + u)
     raise ValueError(f"rounding={rounding!r} is invalid; allowed: {' | '.join(ROUNDINGS)}")
 
@@ -113,9 +114,10 @@ def _code_dtype(spec: QSpec) -> torch.dtype:
     return torch.uint8 if spec.format == "uint" else torch.int8
 
 
-def _given_param(p: torch.Tensor, name: str, want: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _given_param(p: torch.Tensor, name: str, want: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
     try:
-        p = torch.as_tensor(p).to(dtype).expand(want).clone()
+        p = torch.as_tensor(p, device=device).to(dtype).expand(want).clone()
     except RuntimeError:
         raise ValueError(f"{name} of shape {tuple(torch.as_tensor(p).shape)} does not broadcast to "
                          f"the qparams shape {want}") from None
@@ -135,6 +137,8 @@ def quantize(
 
     ``scale`` / ``zero_point`` (broadcastable to `qparams_shape`) fix the parameters, as for a
     statically calibrated activation; otherwise `choose_qparams` computes them from ``x``.
+    Stochastic rounding draws its uniforms on the ``generator``'s device and moves them to ``x``'s: a
+    CPU generator gives the same codes on every device (a CUDA generator draws a different stream).
     """
     check_finite(x)
     check_layout(x.shape, spec)
@@ -145,20 +149,20 @@ def quantize(
             raise ValueError("zero_point was given without scale; pass both or neither")
         scale, zero_point = choose_qparams(x, spec)
     else:
-        scale = _given_param(scale, "scale", want, cdtype)
+        scale = _given_param(scale, "scale", want, cdtype, x.device)
         lowest = 0.0 if spec.format == "binary" else torch.finfo(cdtype).tiny
         if not bool((scale >= lowest).all()) or not bool(torch.isfinite(scale).all()):
             raise ValueError(f"scale must be finite and {'>= 0' if lowest == 0 else '> 0'} everywhere")
         if zero_point is None and not spec.symmetric:
             raise ValueError("an asymmetric spec needs zero_point together with scale")
         if zero_point is None and spec.format == "uint":
-            zero_point = torch.tensor(spec.symmetric_zero)
+            zero_point = torch.tensor(spec.symmetric_zero, device=x.device)
     if zero_point is not None:
         if spec.format == "binary":
             raise ValueError("zero_point must be None for format='binary'")
-        zero_point = torch.as_tensor(zero_point)
+        zero_point = torch.as_tensor(zero_point, device=x.device)
         zero_point = _given_param(zero_point_in_domain(zero_point, spec, cdtype), "zero_point", want,
-                                  torch.int32 if spec.zero_point_domain == "int" else cdtype)
+                                  torch.int32 if spec.zero_point_domain == "int" else cdtype, x.device)
     xf = x.detach().to(cdtype)
     if spec.format == "binary":
         codes = torch.where(xf >= 0, 1, -1).to(torch.int8)

@@ -29,6 +29,7 @@ from .assertions import (
     error_bound,
 )
 from .blocks import block_views, random_block
+from .devices import explicit_devices
 from .layers import mixed_layer
 from .profiles import register_profiles
 from .strategies import (
@@ -48,5 +49,5 @@ __all__ = [
     "EDGE_SPECS", "WEIGHT_KINDS", "activations", "edge_cases", "with_edge_cases", "qspecs", "quantization_cases", "shapes", "tensors", "weights",
     "assert_codes_in_range", "assert_error_within_step", "assert_grid_fits", "assert_requantize_exact",
     "assert_sqnr_at_least", "assert_relative_output_error_at_most", "error_bound",
-    "register_profiles", "random_block", "block_views", "mixed_layer",
+    "register_profiles", "random_block", "block_views", "mixed_layer", "explicit_devices",
 ]

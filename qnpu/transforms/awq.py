@@ -302,7 +302,7 @@ def awq(grid: int = 20, clip: bool = True, clip_grid: int = 20, min_clip: float 
         view = view.with_params(params).with_stats(stats)
         clip_ratios = dict(state.clip_ratios)
         if clip:
-            ratios = candidate_ratios(clip_grid, float(min_clip))
+            ratios = candidate_ratios(clip_grid, float(min_clip), device=view.weight(st.q).device)
             specs = {}
             for name, spec in quantizable(view, "awq"):
                 if spec.format == "binary" or (not clip_qk and name in (st.q, st.k)):

@@ -227,5 +227,6 @@ def derive_seed(seed: int, *labels: str) -> int:
 
 
 def generator(seed: int, *labels: str) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded by `derive_seed`."""
-    return torch.Generator().manual_seed(derive_seed(seed, *labels))
+    """A CPU ``torch.Generator`` seeded by `derive_seed`: draws from it are made on the CPU and moved to
+    the tensors' device, so a seed gives the same result on every device."""
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *labels))

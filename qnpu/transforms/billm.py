@@ -84,12 +84,12 @@ def inverse_hessian_cholesky(w: torch.Tensor, hessian: torch.Tensor, damp: float
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={w.shape[1]}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the Hessian has NaN/Inf entries")
-    h = hessian.detach().to(dt).clone()
+    h = hessian.detach().to(device=w.device, dtype=dt).clone()
     w = w.detach().to(dt).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += damp * torch.mean(torch.diag(h))
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
@@ -120,7 +120,7 @@ def _masked_fit(x: torch.Tensor, mask: torch.Tensor, offsets: bool) -> tuple[tor
     """Per-row ``(a, mu)`` over the entries of ``x`` where ``mask``: ``mu = mean``, ``a = mean|x - mu|``."""
     m = mask.to(x.dtype)
     count = m.sum(-1).clamp(min=1)
-    mu = (x * m).sum(-1) / count if offsets else torch.zeros(x.shape[:-1], dtype=x.dtype)
+    mu = (x * m).sum(-1) / count if offsets else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     a = ((x - mu.unsqueeze(-1)).abs() * m).sum(-1) / count
     return a, mu
 
@@ -169,7 +169,7 @@ def _choose_split(x: torch.Tensor, offsets: bool, grid: int) -> torch.Tensor:
     """Sparse mask ``|x| > p`` of the non-salient weights ``x [out, m]`` minimizing the error of
     binarizing the two groups separately (``p`` over quantiles 0.1..0.9 of ``|x|``)."""
     ax = x.abs()
-    levels = torch.linspace(0.1, 0.9, grid, dtype=x.dtype)
+    levels = torch.linspace(0.1, 0.9, grid, dtype=x.dtype, device=x.device)
     cands = quantiles(ax.flatten(), levels)
     best_mask, best = torch.zeros_like(x, dtype=torch.bool), math.inf
     for p in cands:
@@ -192,10 +192,10 @@ def _block_params(wb, u_diag, *, salient_fraction, max_salient_fraction, split, 
         k = _choose_k(wb, order, 1.0 / u_diag ** 2, k_max, offsets)
     else:
         k = min(nb // 2, int(round(salient_fraction * nb)))
-    sal = torch.zeros(nb, dtype=torch.bool)
+    sal = torch.zeros(nb, dtype=torch.bool, device=wb.device)
     sal[order[:k]] = True
-    scale = torch.zeros(4, out, dtype=wb.dtype)
-    offset = torch.zeros(4, out, dtype=wb.dtype)
+    scale = torch.zeros(4, out, dtype=wb.dtype, device=wb.device)
+    offset = torch.zeros(4, out, dtype=wb.dtype, device=wb.device)
     if k:
         xs = wb[:, sal]
         full = torch.ones_like(xs, dtype=torch.bool)
@@ -206,7 +206,7 @@ def _block_params(wb, u_diag, *, salient_fraction, max_salient_fraction, split, 
     sparse_n = _choose_split(xn, offsets, split_grid) if split else torch.zeros_like(xn, dtype=torch.bool)
     scale[2], offset[2] = _masked_fit(xn, ~sparse_n, offsets)
     scale[3], offset[3] = _masked_fit(xn, sparse_n, offsets)
-    sparse = torch.zeros(out, nb, dtype=torch.bool)
+    sparse = torch.zeros(out, nb, dtype=torch.bool, device=wb.device)
     sparse[:, ~sal] = sparse_n
     return sal, sparse, scale, offset
 
@@ -240,12 +240,13 @@ def billm_quantize(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
     out, n_in = w_c.shape
     dt = w_c.dtype
     nblocks = -(-n_in // block_size)
-    codes = torch.empty(out, n_in, dtype=dt)
-    residual = torch.zeros(out, n_in, dtype=dt)
-    salient = torch.zeros(n_in, dtype=torch.bool)
-    sparse = torch.zeros(out, n_in, dtype=torch.bool)
-    scale = torch.zeros(4, out, nblocks, dtype=dt)
-    offset = torch.zeros(4, out, nblocks, dtype=dt)
+    dev = w_c.device
+    codes = torch.empty(out, n_in, dtype=dt, device=dev)
+    residual = torch.zeros(out, n_in, dtype=dt, device=dev)
+    salient = torch.zeros(n_in, dtype=torch.bool, device=dev)
+    sparse = torch.zeros(out, n_in, dtype=torch.bool, device=dev)
+    scale = torch.zeros(4, out, nblocks, dtype=dt, device=dev)
+    offset = torch.zeros(4, out, nblocks, dtype=dt, device=dev)
     for b, i1 in enumerate(range(0, n_in, block_size)):
         i2 = min(i1 + block_size, n_in)
         wb = w_c[:, i1:i2].clone()

@@ -85,11 +85,11 @@ def _check_spec(method: str, label: str, spec: QSpec, shape: tuple[int, int]) ->
                          "pick a divisor of in_features")
 
 
-def _given_qparams(method, label, spec, shape, qparams, cdtype):
+def _given_qparams(method, label, spec, shape, qparams, cdtype, device=None):
     want = qparams_shape(shape, spec)
     scale, zero_point = qparams
     try:
-        scale = torch.as_tensor(scale).to(cdtype).expand(want).clone()
+        scale = torch.as_tensor(scale, device=device).to(cdtype).expand(want).clone()
         if zero_point is not None:
             zero_point = zero_point_in_domain(zero_point, spec, cdtype, f"{method} {label}: qparams zero_point").expand(want).clone()
     except RuntimeError:
@@ -100,7 +100,7 @@ def _given_qparams(method, label, spec, shape, qparams, cdtype):
     if zero_point is None and not spec.symmetric:
         raise _error(method, label, "an asymmetric spec needs a zero point in qparams", "pass (scale, zero_point)")
     if zero_point is None and spec.format == "uint":
-        zero_point = torch.full(want, spec.symmetric_zero, dtype=torch.int32)
+        zero_point = torch.full(want, spec.symmetric_zero, dtype=torch.int32, device=device)
     return scale, zero_point
 
 
@@ -144,13 +144,13 @@ def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
 def _lower_inverse_into(lower: torch.Tensor, out: torch.Tensor) -> None:
     n = lower.shape[0]
     if n <= _BASE:
-        out.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False))
+        out.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False))
         return
     h = n // 2
     _lower_inverse_into(lower[:h, :h], out[:h, :h])
     _lower_inverse_into(lower[h:, h:], out[h:, h:])
     out[:h, h:].zero_()
-    c_a = torch.empty(n - h, h, dtype=lower.dtype)
+    c_a = torch.empty(n - h, h, dtype=lower.dtype, device=lower.device)
     _triangle_product_into(out[:h, :h], lower[h:, :h], c_a, left=False)
     _triangle_product_into(out[h:, h:], c_a, out[h:, :h], left=True)
     out[h:, :h].neg_()
@@ -206,12 +206,12 @@ class _Grid:
     sweep's ``q`` equals ``dequantize(quantize(w))`` bit for bit, without the slow scalar ``round``.
     """
 
-    def __init__(self, spec: QSpec, rows: int, out: int, dtype: torch.dtype):
+    def __init__(self, spec: QSpec, rows: int, out: int, dtype: torch.dtype, device: torch.device):
         self.spec, self.out, self.dtype = spec, out, dtype
-        self.scale = torch.ones(rows, out, dtype=dtype)
+        self.scale = torch.ones(rows, out, dtype=dtype, device=device)
         self.zero = None
-        self.lo = torch.full((rows, out), float(spec.qmin), dtype=dtype)
-        self.hi = torch.full((rows, out), float(spec.qmax), dtype=dtype)
+        self.lo = torch.full((rows, out), float(spec.qmin), dtype=dtype, device=device)
+        self.hi = torch.full((rows, out), float(spec.qmax), dtype=dtype, device=device)
         self.ready = [False] * rows
         self.magic = 1.5 * 2.0 ** (52 if dtype == torch.float64 else 23)
 
@@ -259,10 +259,10 @@ def _columns(wt: torch.Tensor, u: torch.Tensor, p: torch.Tensor | None, grid: _G
     right-looking rank-k update every few columns) were 3-4x slower on a busy 2-core machine.
     """
     n, out = wt.shape
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=wt.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        err = torch.empty(i2 - i1, out, dtype=wt.dtype)
+        err = torch.empty(i2 - i1, out, dtype=wt.dtype, device=wt.device)
         for j in range(i1, i2):
             g = row_of[j]
             if not grid.ready[g]:
@@ -322,7 +322,7 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
             raise _error(method, label, f"{name} has NaN/Inf values (broken calibration data)",
                          "recollect calibration statistics; check the inputs for NaN/Inf or fp16 overflow")
     cdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    h = hessian.detach().to(cdtype)
+    h = hessian.detach().to(device=w.device, dtype=cdtype)
     dead = dead_columns(h, method, label)
     if bool(dead.any()):
         h = h.clone()
@@ -334,9 +334,9 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
 
     group = spec.granularity == "group"
     n_rows = n // spec.group_size if group else 1
-    grid = _Grid(spec, n_rows, out, cdtype)
+    grid = _Grid(spec, n_rows, out, cdtype, w.device)
     if qparams is not None:
-        grid.set(slice(None), *_given_qparams(method, label, spec, (out, n), qparams, cdtype))
+        grid.set(slice(None), *_given_qparams(method, label, spec, (out, n), qparams, cdtype, w.device))
         mode = "given"
     elif not group or static_groups:
         grid.set(slice(None), *choose_qparams(wc, spec))
@@ -344,12 +344,12 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
     else:
         mode = "dynamic"
 
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
     u, damp_used, lam = _damped_factor(method, label, h, perm if act_order else None, float(damp))
     del h
     p = None
     if fp_cross is not None:
-        cross = fp_cross.detach().to(cdtype)
+        cross = fp_cross.detach().to(device=w.device, dtype=cdtype)
         cross = _permuted(cross, perm) if act_order else cross.clone()
         cross[:, dead[perm]] = 0.0  # a dead input never reaches the quantized path's output
         p = (cross @ u.T).triu_(1).mul_(alpha) @ u
@@ -359,7 +359,8 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, block_size: in
     wt = (wc.index_select(1, perm) if act_order else wc).T.clone(memory_format=torch.contiguous_format)
     del wc
     pos_of = torch.argsort(perm)
-    col_group = torch.arange(n) // spec.group_size if group else torch.zeros(n, dtype=torch.long)
+    col_group = (torch.arange(n, device=w.device) // spec.group_size if group
+                 else torch.zeros(n, dtype=torch.long, device=w.device))
     members = [pos_of[g * spec.group_size:(g + 1) * spec.group_size] for g in range(n_rows)] if group else None
     loss = _columns(wt, u, p, grid, col_group[perm].tolist(), members, spec, block_size)
     del u, p

@@ -70,30 +70,33 @@ def _check_kind(kind: str) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _rotation64(hidden: int, seed: int, kind: str) -> torch.Tensor:
+def _rotation64(hidden: int, seed: int, kind: str, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     # Cached because every block of a model asks for the same matrix; callers never write to it.
+    # Computed on the CPU and moved, so every device gets the same matrix (docs/architecture.md, "Devices").
+    if device.type != "cpu":
+        return _rotation64(hidden, seed, kind).to(device)
     if kind == "hadamard":
-        return random_hadamard(hidden, seed, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+        return random_hadamard(hidden, seed, dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64, device=device))
     # Fixing the signs of diag(R) makes Q unique, hence Haar-distributed (Mezzadri 2007).
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
 
 
 def rotation_matrix(hidden: int, seed: int = 0, kind: str = "hadamard", *,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The residual rotation ``Q [hidden, hidden]`` (``Q Q^T = I``), a function of its arguments only.
 
     ``"hadamard"``: ``hadamard(hidden) diag(random_signs(hidden, seed)) / sqrt(hidden)``
     (`qnpu.qcore.random_hadamard`; ``hidden`` must be a Hadamard order).
     ``"orthogonal"``: ``Q`` of the QR decomposition of a ``seed``-ed standard Gaussian matrix,
-    columns' signs fixed so that ``diag(R) > 0``.
+    columns' signs fixed so that ``diag(R) > 0``. Computed on the CPU, then moved to ``device``.
     """
     _check_kind(kind)
     if kind == "hadamard" and not is_hadamard_order(hidden):
         raise ValueError(f"{NAME}: hidden={hidden} is not a supported Hadamard order; "
                          "use kind='orthogonal'")
-    return _rotation64(int(hidden), int(seed), kind).to(dtype, copy=True)
+    return _rotation64(int(hidden), int(seed), kind, torch.device(device)).to(dtype, copy=True)
 
 
 def _rotate_stats(st: LinearStats, right: Callable[[torch.Tensor], torch.Tensor]) -> LinearStats:
@@ -142,13 +145,13 @@ def _validate(view: BlockView, kind: str, online: bool, per_head: bool) -> None:
 def rotate_block(view: BlockView, seed: int, kind: str, online: bool, per_head: bool) -> BlockView:
     """The rotated view (module docstring); computed in float64, cast back to each tensor's dtype."""
     s = view.structure
-    q = _rotation64(s.hidden_size, seed, kind)
+    q = _rotation64(s.hidden_size, seed, kind, view.weight(s.q).device)
     new: dict[str, torch.Tensor] = {}  # float64 until the end, so each tensor is rounded once
     stats: dict[str, LinearStats] = {}
     norms = {}
     for norm, readers in s.norm_pairs:
         g = view.params.get(f"{norm}.weight")
-        g64 = torch.ones(s.hidden_size, dtype=torch.float64) if g is None else g.double()
+        g64 = torch.ones(s.hidden_size, dtype=torch.float64, device=q.device) if g is None else g.double()
         if g is not None:
             norms[f"{norm}.weight"] = torch.ones_like(g)
         done: list[tuple[LinearStats, LinearStats]] = []
@@ -257,8 +260,9 @@ def rotate_edges(embed: torch.Tensor, lm_head: torch.Tensor | None = None,
         raise ValueError(f"rotate_edges: lm_head {tuple(head.shape)} / final_norm_weight "
                          f"{None if final_norm_weight is None else tuple(final_norm_weight.shape)} "
                          f"do not match hidden={hidden}")
-    q = rotation_matrix(hidden, seed, kind)
-    g = torch.ones(hidden, dtype=torch.float64) if final_norm_weight is None else final_norm_weight.double()
+    q = rotation_matrix(hidden, seed, kind, device=embed.device)
+    g = torch.ones(hidden, dtype=torch.float64, device=embed.device) if final_norm_weight is None \
+        else final_norm_weight.double()
     new_embed = (embed.double() @ q).to(embed.dtype)
     new_head = ((head.double() * g) @ q).to(head.dtype)
     new_norm = None if final_norm_weight is None else torch.ones_like(final_norm_weight)

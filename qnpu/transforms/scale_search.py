@@ -69,7 +69,7 @@ def range_qparams(stat: tuple[torch.Tensor, ...], spec: QSpec, c) -> tuple[torch
         scale = stat[0] * c / spec.symmetric_levels
         zero_point = None
         if spec.format == "uint":
-            zero_point = torch.full(scale.shape, spec.symmetric_zero, dtype=torch.int32)
+            zero_point = torch.full(scale.shape, spec.symmetric_zero, dtype=torch.int32, device=scale.device)
     else:
         lo = torch.clamp(stat[0] * c, max=0.0)
         hi = torch.clamp(stat[1] * c, min=0.0)
@@ -138,9 +138,10 @@ def pick(errors: torch.Tensor, candidates: tuple[torch.Tensor, ...]) -> tuple[to
     return tuple(None if t is None else t.gather(0, best).squeeze(0) for t in candidates)
 
 
-def candidate_ratios(n: int, lowest: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``linspace(lowest, 1, n)`` with the last entry exactly 1 (the spec's own range)."""
-    r = torch.linspace(lowest, 1.0, n, dtype=torch.float64)
+def candidate_ratios(n: int, lowest: float, dtype: torch.dtype = torch.float64, *,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``linspace(lowest, 1, n)`` with the last entry exactly 1 (the spec's own range), on ``device``."""
+    r = torch.linspace(lowest, 1.0, n, dtype=torch.float64, device=device)
     r[-1] = 1.0
     return r.to(dtype)
 
@@ -164,7 +165,7 @@ def mse_qparams(w: torch.Tensor, spec: QSpec, *, grid: int = 100, min_ratio: flo
     if spec.format == "binary":
         scale, zp = choose_qparams(w, spec)
         return scale, zp, torch.ones_like(scale)
-    ratios = candidate_ratios(grid, min_ratio)
+    ratios = candidate_ratios(grid, min_ratio, device=w.device)
     wf = w.detach().to(compute_dtype(w))
     d = None if column_weight is None else column_weight.to(wf.dtype).expand(wf.shape)
     errors, scales, zps = [], [], []

@@ -89,7 +89,7 @@ def allocate_bits(salience: torch.Tensor, bits: int, pairs: int) -> torch.Tensor
     n = salience.numel()
     check_int("allocate_bits", "pairs", pairs, 0, n // 2, hint=f"(for {n} groups)")
     order = torch.argsort(salience, descending=True, stable=True)
-    out = torch.full((n,), bits, dtype=torch.int32)
+    out = torch.full((n,), bits, dtype=torch.int32, device=salience.device)
     out[order[:pairs]] = bits + 1
     out[order[n - pairs:]] = bits - 1
     return out
@@ -152,11 +152,12 @@ def mixed_gptq(w: torch.Tensor, u: torch.Tensor, h_diag: torch.Tensor, spec: QSp
     w = w.clone()
     out, n_in = w.shape
     n_groups = n_in // group_size
-    ratios = torch.linspace(1.0, 0.5, sqc_grid) if sqc_grid > 1 else torch.ones(1)
-    codes = torch.empty(out, n_in, dtype=torch.int16)
-    scales = torch.empty(out, n_groups, dtype=w.dtype)
-    means = torch.zeros(out, n_groups, dtype=w.dtype)
-    zps = torch.zeros(out, n_groups, dtype=torch.int32)
+    dev = w.device
+    ratios = torch.linspace(1.0, 0.5, sqc_grid, device=dev) if sqc_grid > 1 else torch.ones(1, device=dev)
+    codes = torch.empty(out, n_in, dtype=torch.int16, device=dev)
+    scales = torch.empty(out, n_groups, dtype=w.dtype, device=dev)
+    means = torch.zeros(out, n_groups, dtype=w.dtype, device=dev)
+    zps = torch.zeros(out, n_groups, dtype=torch.int32, device=dev)
     for g, i1 in enumerate(range(0, n_in, group_size)):
         i2 = i1 + group_size
         b = int(group_bits[g])
@@ -200,11 +201,11 @@ def slim_llm_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QSpec, *, bi
     if n_in % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={n_in}")
     w_c, u = inverse_hessian_cholesky(w, hessian, damp)
-    h = hessian.to(w_c.dtype)
+    h = hessian.to(device=w_c.device, dtype=w_c.dtype)
     n_groups = n_in // group_size
     salience = column_salience(w_c, torch.diag(u)).reshape(n_groups, group_size).sum(1)
     k_max = n_groups // 2 if max_pairs is None else min(n_groups // 2, max_pairs)
-    objective = torch.empty(k_max + 1, dtype=torch.float64)
+    objective = torch.empty(k_max + 1, dtype=torch.float64, device=w_c.device)
     best = None
     for k in range(k_max + 1):
         alloc = allocate_bits(salience, bits, k)

@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py [--recipes w8a8-dynamic,w4a16-gptq] [--samples 128] [--eval-tokens 20480]
     python benchmarks/accuracy.py --merge a.json,b.json   # rows of runs made in parallel (--out a, --out b)
+    python benchmarks/accuracy.py --merge old.json,new.json --before old.json=LABEL  # + a before -> after table
 
 Calibration: the first ``samples`` x 512 tokens of the calibration slice; evaluation: both slices,
 windows of 512. Results are rewritten after every recipe (a long run that is interrupted keeps
@@ -45,9 +46,18 @@ def _markdown(data: dict) -> str:
                      f"{100 * (c / base['code']['ppl'] - 1):+.2f}% | {row['quantize_seconds']:.1f} | "
                      f"{row['linear_weight_bytes'] / 2**20:.1f} |")
     if any(r["recipe"].split(" ")[0] in ("billm", "slim-llm") for r in data["rows"]):
-        lines += ["", "billm and slim-llm checkpoints hold their dequantized weights in float (no packed format for "
-                  "binarized or mixed-precision groups yet), so their weight column is the float size; their own "
-                  "budgets: BiLLM about 1.1 bits per weight by the paper's count, SliM-LLM a mean of 2 bits."]
+        lines += ["", "billm and slim-llm checkpoints hold packed codes (`qnpu.qcore.BiLLMTensor`, `MixedTensor`); "
+                  "their weight column counts codes, fp32 scales and offsets and BiLLM's split bitmap as stored "
+                  "(BiLLM's paper counts its sign bits only: about 1.1 bits per weight)."]
+    if data.get("before"):
+        lines += ["", f"Before -> after ({data['before']['label']}; rows measured in both):", "",
+                  "| recipe | docs ppl | code ppl | quantize s |", "|---|---:|---:|---:|"]
+        old = {r["recipe"]: r for r in data["before"]["rows"]}
+        for row in data["rows"]:
+            b = old.get(row["recipe"])
+            if b is not None:
+                lines.append(f"| {row['recipe']} | {b['docs']:.3f} -> {row['docs']:.3f} | {b['code']:.3f} -> "
+                             f"{row['code']:.3f} | {b['quantize_seconds']:.1f} -> {row['quantize_seconds']:.1f} |")
     lines += ["", "Peer reference (llm-compressor, same protocol):", "", "| setting | docs | code | seconds |",
               "|---|---:|---:|---:|"]
     lines += [f"| {k} | {d:.3f} | {c:.3f} | {s} |" for k, (d, c, s) in PEER.items()]
@@ -55,7 +65,9 @@ def _markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merge(paths: list[Path], out: Path) -> int:
+def _merge(paths: list[Path], out: Path, before: tuple[Path, str] | None = None) -> int:
+    """Rows of ``paths`` (later files win for a recipe measured twice) into ``out``; with ``before``
+    (a results JSON and its label) a before -> after table of the recipes both hold."""
     runs = [json.loads(p.read_text()) for p in paths]
     setups = {(r["samples"], r["eval_tokens"]) for r in runs}
     if len(setups) != 1:
@@ -70,6 +82,10 @@ def _merge(paths: list[Path], out: Path) -> int:
         data["rows"] = [r for r in data["rows"] if r["recipe"] not in labels] + run["rows"]
     order = {name: i for i, name in enumerate(recipes.names())}
     data["rows"].sort(key=lambda r: (order.get(r["recipe"].split(" ")[0], len(order)), r["recipe"]))
+    if before is not None:
+        old = json.loads(before[0].read_text())
+        data["before"] = {"label": before[1], "rows": [{k: r[k] for k in ("recipe", "docs", "code", "quantize_seconds")}
+                                                       for r in old["rows"]]}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text(_markdown(data))
     print(_markdown(data))
@@ -85,11 +101,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "accuracy"))
     parser.add_argument("--merge", default=None, help="comma-separated result JSONs (same samples and eval tokens) "
                         "to combine into --out instead of running anything")
+    parser.add_argument("--before", default=None, help="with --merge: PATH=LABEL, an earlier results JSON whose "
+                        "rows are shown before -> after")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        return _merge([Path(p) for p in args.merge.split(",")], out)
+        before = None
+        if args.before:
+            path, _, label = args.before.partition("=")
+            before = (Path(path), label or path)
+        return _merge([Path(p) for p in args.merge.split(",")], out, before)
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     model, tokenizer, source = load(None)
     env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"

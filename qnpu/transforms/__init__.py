@@ -35,6 +35,7 @@ from .block import attention_output, block_forward, mlp_output, rms_norm, rope
 from .combinators import chain, masked, partition, quant_specs
 from .gptaq import gptaq, gptaq_quantize
 from .gptq import gptq, gptq_quantize
+from .hqq import HQQState, hqq
 from .rounding import WeightsState, rtn
 from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
 from .scale_search import ScaleSearchState, minmax_scales, mse_scale_search, percentile_scales
@@ -51,6 +52,7 @@ __all__ = [
     "chain", "masked", "partition", "quant_specs", "rtn", "gptq", "gptq_quantize", "gptaq", "gptaq_quantize",
     "activation_scales", "ActivationState", "awq", "AWQState",
     "minmax_scales", "percentile_scales", "mse_scale_search", "ScaleSearchState",
+    "hqq", "HQQState",
     "billm", "slim_llm", "SlimLLMState", "smoothquant", "SmoothState",
     "hadamard_rotation", "RotationState", "rotate_edges", "rotation_matrix",
     "BlockStructure", "BlockView", "LinearSpec", "LinearStats", "TransformError", "make_view",

@@ -21,6 +21,7 @@ from qnpu.transforms import (
     gptaq,
     gptq,
     hadamard_rotation,
+    hqq,
     mse_scale_search,
     percentile_scales,
     quant_specs,
@@ -52,6 +53,8 @@ def _rows():
         ("hadamard-rotation", lambda w: chain(quant_specs(weight=w), hadamard_rotation(seed=3), rtn()), W4, False),
         ("rotation-offline", lambda w: chain(quant_specs(weight=w), hadamard_rotation(kind="orthogonal", online=False),
                                              rtn()), W4, False),
+        # lp weight error per group (Badri & Shaji 2023), not the Hessian-weighted one: no promise here
+        ("hqq", lambda w: chain(quant_specs(weight=w), hqq(), rtn()), W3G.replace(zero_point_domain="float"), False),
         ("gptq", lambda w: chain(quant_specs(weight=w), gptq()), W4, True),
         ("gptq-w3-group", lambda w: chain(quant_specs(weight=w), gptq(act_order=False)), W3G, True),
         ("gptaq", lambda w: chain(quant_specs(weight=w), gptaq()), W4, True),

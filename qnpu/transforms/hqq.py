@@ -21,21 +21,22 @@ an error is kept as an outlier when ``|x| > beta^(-1 / (2 - p))``). Its threshol
 weight's own units, as in the paper: on weights of magnitude ~0.02 and ``beta = 10`` hardly any
 error passes it, and the step reduces to the least-squares zero point of the current codes.
 
-Conventions. qnpu dequantizes ``W ~= (q - z) s`` (`qnpu.qcore.dequantize`); the paper writes
-``W_q = round(W s' + z)``, ``W_r = (W_q - z) / s'`` with ``s' = 1 / s``, so its zero update
-``mean(W_q - (W - W_e) s')`` is the one above. ``z`` is unrounded: the spec's
-``zero_point_domain`` must be ``"float"``, Ascend's floating ``antiquant_offset = -z``
-(docs/architecture.md, "Zero-point domain").
+Conventions. qnpu dequantizes ``W ~= (q - z) s`` (`qnpu.qcore.dequantize`), the paper's
+``s (W_q - z)`` with ``W_q = round(W / s + z)``; implementations that keep ``1 / s`` instead
+multiply where this divides. ``z`` is unrounded: the spec's ``zero_point_domain`` must be
+``"float"``, Ascend's floating ``antiquant_offset = -z`` (docs/architecture.md, "Zero-point domain").
 
 Differences from the paper's loop, each a guarantee rather than a change of method: every iterate
 is scored on the lp objective of the codes it gives, and each slice keeps the best zero point it
 has seen, starting with RTN's, so no slice ends worse than RTN with the same scale; the loop stops
-when a step improves no slice, i.e. when the error of the result stops improving (the paper stops
-when the mean absolute error of the current iterate does not improve and returns the zero point
-updated after it; on the default model's weights the first step already raises the total error
-while it lowers that of a third of the groups, so that rule would stop there). `hqq` is a zero-point search: it sets
-``LinearSpec.weight_qparams`` and a later rounder (`rtn`) writes the codes. It reads nothing but
-the weights, so recipes built from it take the engine's data-free path.
+when a step improves no slice, i.e. when the error of the result stops improving. The paper's
+loop stops when the mean absolute error of the current iterate stops improving; on the default
+model's weights (uint4, groups of 64) the first step raises the total while it lowers the error of
+a third of the groups, so that rule stops there (docs/architecture.md, "HQQ zero points").
+
+`hqq` is a zero-point search: it sets ``LinearSpec.weight_qparams`` and a later rounder (`rtn`)
+writes the codes. It reads nothing but the weights, so recipes built from it take the engine's
+data-free path.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Every transform through the same contracts (one row per algorithm; DESIGN.md principle 8).
+"""Every transform through the same contracts (one row per algorithm; docs/architecture.md, "Adding an
+algorithm").
 
 Contracts: inputs are not mutated; the same seed gives bit-identical output; params keep their
 dtypes and shapes; the state survives a plain-dict round trip; and where the method promises it,

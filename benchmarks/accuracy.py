@@ -1,4 +1,4 @@
-"""Perplexity of every built-in recipe on the default model (the shared protocol of DESIGN.md).
+"""Perplexity of every built-in recipe on the default model (the protocol of docs/architecture.md).
 
     python benchmarks/accuracy.py [--recipes w8a8-dynamic,w4a16-gptq] [--samples 128] [--eval-tokens 20480]
     python benchmarks/accuracy.py --merge a.json,b.json   # rows of runs made in parallel (--out a, --out b)

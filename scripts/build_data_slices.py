@@ -1,4 +1,4 @@
-"""Rebuild qnpu/data/slices/ (the shared accuracy protocol's text, DESIGN.md) from its sources.
+"""Rebuild qnpu/data/slices/ (the accuracy protocol's text, docs/architecture.md) from its sources.
 
 Sources:
   docs  Python 3.11 documentation sources from the Debian package python3.11-doc

@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN.md): qcore <- transforms <- models; lowering <- qcore."""
+"""Imports flow one way (docs/architecture.md): qcore <- transforms <- models; lowering <- qcore."""
 import ast
 import sys
 from pathlib import Path

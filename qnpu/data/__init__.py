@@ -1,4 +1,5 @@
-"""The committed text slices of the shared accuracy protocol (DESIGN.md, "The default model and data").
+"""The committed text slices of the shared accuracy protocol (docs/architecture.md,
+"Default model and accuracy protocol").
 
 ``qnpu/data/slices/`` holds three UTF-8 text files cut from the Python 3.11 documentation sources
 and the CPython 3.11 standard library (PSF license, see ``slices/README.md``), rebuilt by

@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows: the shared accuracy protocol of DESIGN.md.
+"""Perplexity over non-overlapping windows: the accuracy protocol of docs/architecture.md.
 
 Token ids ``t`` of length ``N`` are cut into ``W = N // L`` windows of ``L`` tokens (``L = 512``);
 the ``N mod L`` trailing tokens are dropped, as the protocol evaluates exactly 20,480 = 40 x 512

@@ -17,7 +17,7 @@ It is written into a temporary sibling folder and renamed into place, so a crash
 build never leaves a half-written cache; ``qnpu_cache.json`` records the GGUF's sha256, so a
 changed GGUF rebuilds the cache.
 
-Caveat (DESIGN.md): the linear weights lie exactly on a Q4_1 grid (4-bit asymmetric, blocks of 32
+Caveat (docs/architecture.md, "Default model and accuracy protocol"): the linear weights lie exactly on a Q4_1 grid (4-bit asymmetric, blocks of 32
 along the input dimension), so int4 group-32 asymmetric quantization is lossless on this model;
 call its float baseline "dequantized Q4_1".
 """

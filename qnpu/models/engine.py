@@ -1,6 +1,6 @@
 """The layer-by-layer calibration engine: apply a recipe to a Hugging Face causal LM, block by block.
 
-This is wiring (DESIGN principle 2); the math lives in `qnpu.transforms`. For every decoder block
+This is wiring (docs/architecture.md, the layer table); the math lives in `qnpu.transforms`. For every decoder block
 ``i`` (GPTQ's sequential scheme, Frantar et al. 2022):
 
 1. its inputs ``X_i`` for all calibration sequences are known (block 0's are captured with a

@@ -1,6 +1,6 @@
 """Per-family structure tables: where a Hugging Face causal LM keeps its blocks, edges and linears.
 
-A `Family` is data (DESIGN principle 8): module paths only, no code. Everything the transforms
+A `Family` is data (docs/architecture.md, "Adding a model family"): module paths only, no code. Everything the transforms
 need about a block (smoothing pairs, rotation sites, the online-rotation point) follows from the
 `qnpu.transforms.BlockStructure` that `block_structure` builds from a family's ``roles`` and the
 model config: ``norm_pairs`` (RMSNorm -> the linears that read it), ``linear_pairs`` (v -> o,

@@ -1,6 +1,6 @@
 """Bit packing of low-bit codes, with exact inverses.
 
-Layouts (see ``shared/ASCEND.md``):
+Layouts (docs/architecture.md, "Lowering" and "Exports"):
 
 * `pack_int4`: 8 signed int4 values per int32 along ``dim``, element ``i`` of each run of 8 in
   bits ``[4i, 4i + 3]`` (LSB first): the layout of ``torch_npu.npu_convert_weight_to_int4pack``

@@ -48,6 +48,7 @@ from .billm import billm
 from .combinators import chain, masked, partition, quant_specs
 from .gptaq import gptaq
 from .gptq import gptq
+from .hqq import HQQState, hqq
 from .rounder import WeightsState
 from .rounding import rtn
 from .rotation import RotationState, hadamard_rotation, rotate_edges, rotation_matrix
@@ -60,7 +61,7 @@ __all__ = [
     # transforms (one per registered factory) and combinators
     "quant_specs", "chain", "masked", "partition",
     "minmax_scales", "percentile_scales", "mse_scale_search", "awq", "smoothquant", "hadamard_rotation",
-    "rtn", "gptq", "gptaq", "billm", "slim_llm", "activation_scales",
+    "rtn", "gptq", "gptaq", "hqq", "billm", "slim_llm", "activation_scales",
     # built-in recipes, recipe and state files
     "recipes", "recipe_to_dict", "recipe_from_dict", "state_to_dict", "state_from_dict",
     # writing a transform
@@ -69,5 +70,5 @@ __all__ = [
     # applying a recipe to a block (the engine's side)
     "BlockView", "BlockStructure", "LinearSpec", "LinearStats", "make_view", "TransformError", "find_states",
     "EmptyState", "WeightsState", "ActivationState", "AWQState", "RotationState", "ScaleSearchState",
-    "SlimLLMState", "SmoothState", "rotate_edges", "rotation_matrix",
+    "SlimLLMState", "SmoothState", "HQQState", "rotate_edges", "rotation_matrix",
 ]

@@ -38,6 +38,7 @@ from .checks import check_int
 from .combinators import chain, masked, quant_specs
 from .gptaq import gptaq
 from .gptq import gptq
+from .hqq import hqq
 from .rotation import hadamard_rotation
 from .rounding import rtn
 from .slim_llm import slim_llm
@@ -71,6 +72,9 @@ _RECIPES: dict[str, tuple[str, Callable[[int | None], QTransform]]] = {
     "w8a16": ("int8 per-channel weights (RTN), float activations",
               lambda g: chain(quant_specs(weight=_w(8, g)), rtn())),
     "w4a16-rtn": ("int4 symmetric weights (full [-8, 7] grid), round-to-nearest", lambda g: chain(quant_specs(weight=_w(4, g)), rtn())),
+    "w4a16-hqq": ("uint4 asymmetric weights, HQQ float zero points (lp error, p = 0.7; data-free), then RTN",
+                  lambda g: chain(quant_specs(weight=_w(4, g, symmetric=False).replace(zero_point_domain="float")),
+                                  hqq(), rtn())),
     "w4a16-gptq": ("int4 symmetric weights, GPTQ (act-order; groups: static)",
                    lambda g: chain(quant_specs(weight=_w(4, g)), gptq())),
     "w4a16-awq": ("int4 symmetric weights, AWQ scales (q/k/v scored by the attention output, gate/up by the MLP "

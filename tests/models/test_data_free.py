@@ -24,6 +24,7 @@ DATA_FREE = {
     "rtn": lambda: chain(quant_specs(weight=QSpec(bits=4)), rtn()),
     "w8a16": lambda: recipes.get("w8a16"),
     "w8a8-dynamic": lambda: recipes.get("w8a8-dynamic"),
+    "w4a16-hqq": lambda: recipes.get("w4a16-hqq", group_size=16),
     "rotation-online+rtn": lambda: chain(quant_specs(weight=W4G, activation=DYNAMIC), hadamard_rotation(seed=3),
                                          rtn()),
 }

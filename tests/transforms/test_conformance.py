@@ -1,4 +1,5 @@
-"""Every transform through the same contracts (one row per algorithm; DESIGN.md principle 8).
+"""Every transform through the same contracts (one row per algorithm; docs/architecture.md, "Adding an
+algorithm").
 
 Contracts: inputs are not mutated; the same seed gives bit-identical output; params keep their
 dtypes and shapes; the state survives a plain-dict round trip; and where the method promises it,
@@ -21,6 +22,7 @@ from qnpu.transforms import (
     gptaq,
     gptq,
     hadamard_rotation,
+    hqq,
     mse_scale_search,
     percentile_scales,
     quant_specs,
@@ -52,6 +54,8 @@ def _rows():
         ("hadamard-rotation", lambda w: chain(quant_specs(weight=w), hadamard_rotation(seed=3), rtn()), W4, False),
         ("rotation-offline", lambda w: chain(quant_specs(weight=w), hadamard_rotation(kind="orthogonal", online=False),
                                              rtn()), W4, False),
+        # lp weight error per group (Badri & Shaji 2023), not the Hessian-weighted one: no promise here
+        ("hqq", lambda w: chain(quant_specs(weight=w), hqq(), rtn()), W3G.replace(zero_point_domain="float"), False),
         ("gptq", lambda w: chain(quant_specs(weight=w), gptq()), W4, True),
         ("gptq-w3-group", lambda w: chain(quant_specs(weight=w), gptq(act_order=False)), W3G, True),
         ("gptaq", lambda w: chain(quant_specs(weight=w), gptaq()), W4, True),

@@ -22,6 +22,7 @@ from qnpu.transforms import (
     gptaq,
     gptq,
     hadamard_rotation,
+    hqq,
     masked,
     minmax_scales,
     mse_scale_search,
@@ -45,6 +46,7 @@ W4 = QSpec(bits=4)
 W8 = QSpec(bits=8)
 W3G = QSpec(bits=3, granularity="group", group_size=32, axis=-1, symmetric=False, format="uint")
 A8D = QSpec(bits=8, granularity="token", dynamic=True)
+W3GF = W3G.replace(zero_point_domain="float")
 A8S = QSpec(bits=8, granularity="tensor")
 
 
@@ -135,6 +137,7 @@ EXAMPLES = {
     "hadamard_rotation": [chain(quant_specs(weight=W4, activation=A8D), hadamard_rotation(seed=3), rtn()),
                           chain(quant_specs(weight=W4), hadamard_rotation(kind="orthogonal", online=False), rtn())],
     "gptq": [chain(quant_specs(weight=W4), gptq(act_order=True))],
+    "hqq": [chain(quant_specs(weight=W3GF), hqq(), rtn())],
     "gptaq": [chain(quant_specs(weight=W4), gptaq())],
     "billm": [chain(quant_specs(weight=QSpec(bits=1, format="binary")), billm(block_size=32))],
     "slim_llm": [chain(quant_specs(weight=W3G), slim_llm(bits=3, group_size=32))],

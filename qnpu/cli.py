@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantize each block's linears group by group ([q,k,v], [o], [gate,up], [down]), each "
                           "on inputs through the earlier quantized groups (default: on for recipes that only round, "
                           "e.g. GPTQ / GPTAQ; recipes that smooth or rotate always run one pass per block)")
+    p_q.add_argument("--forward-dtype", choices=("float32", "bfloat16"), default=None,
+                     help="dtype of the blocks' forward passes while calibrating (default: the model's, float32): "
+                          "bfloat16 autocast makes them about 1.7x faster on CPUs with bf16 dot products; "
+                          "statistics, hidden states and the recipe stay float32")
     p_q.add_argument("--json", action="store_true", help="print one JSON object")
     p_e = sub.add_parser("eval", help="perplexity of a model or a qnpu checkpoint; with --task, a code benchmark")
     p_e.add_argument("model", nargs="?", default=None, help="checkpoint / HF folder / .gguf (default: default model)")
@@ -446,7 +450,8 @@ def _run(args, output, before) -> int:
                                   evaluate_baseline=not args.no_eval, evaluate_result=not args.no_eval,
                                   progress=True, batch_size=args.batch_size, stream=args.stream,
                                   lowered=args.lowered, overwrite_any=args.overwrite_any,
-                                  baseline_cache=not args.no_cache, true_sequential=args.true_sequential)
+                                  baseline_cache=not args.no_cache, true_sequential=args.true_sequential,
+                                  forward_dtype=args.forward_dtype)
             _print_json(report) if args.json else _print_report(report)
             return 0
         if args.command == "eval" and args.efficiency:

@@ -221,13 +221,21 @@ def weight_bytes(model) -> dict:
             "compression": round(float_equiv / quantized, 3) if quantized else None}
 
 
+def resolve_forward_dtype(name: str | None):
+    """``--forward-dtype``: None / "float32" (the model's own dtype) or "bfloat16" (autocast)."""
+    choices = {None: None, "float32": None, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise ValueError(f"forward dtype {name!r}; allowed: float32 | bfloat16")
+    return choices[name]
+
+
 def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", group_size: int | None = None,
                  samples: int = 128, seq_len: int = 512, seed: int | None = None, device: str = "cpu",
                  output: str | None = None, eval_tokens: int | None = None, evaluate_baseline: bool = True,
                  evaluate_result: bool = True, overwrite: bool = False, progress: bool = True,
                  batch_size: int = 8, stream: bool = False, lowered: str | None = None,
                  overwrite_any: bool = False, baseline_cache: bool = True,
-                 true_sequential: bool | None = None) -> dict:
+                 true_sequential: bool | None = None, forward_dtype: str | None = None) -> dict:
     """Quantize ``model`` with ``recipe`` and report baseline vs quantized perplexity, weight bytes,
     wall time and the five linears with the largest output error.
 
@@ -244,6 +252,7 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     start = time.perf_counter()
     transform = resolve_recipe(recipe, group_size)
     resolve_device(device)
+    autocast = resolve_forward_dtype(forward_dtype)
     if lowered is not None:
         if stream:
             raise ValueError("--lowered needs the whole quantized model in memory; drop --stream (or run "
@@ -260,7 +269,8 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     if stream:
         return _stream_job(model, transform, recipe=recipe, group_size=group_size, samples=samples,
                            seq_len=seq_len, seed=seed, device=device, output=output, overwrite=overwrite,
-                           progress=progress, batch_size=batch_size, start=start, true_sequential=true_sequential)
+                           progress=progress, batch_size=batch_size, start=start, true_sequential=true_sequential,
+                           forward_dtype=autocast)
     net, tokenizer, source = load(model, progress=progress)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; qnpu needs one to tokenize calibration text")
@@ -273,8 +283,9 @@ def quantize_job(*, model: str | None = None, recipe: str = "w8a8-dynamic", grou
     before = weight_bytes(net)
     t0 = time.perf_counter()
     result = quantize_model(net, transform, ids, device=device, progress=progress, batch_size=batch_size,
-                            true_sequential=true_sequential)
+                            true_sequential=true_sequential, forward_dtype=autocast)
     report["true_sequential"] = result.true_sequential
+    report["forward_dtype"] = forward_dtype or str(next(net.parameters()).dtype).removeprefix("torch.")
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     report["worst_layers"], report["linear_errors"] = layer_errors(result)
     report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free
@@ -313,7 +324,7 @@ def lowered_report(net, tokenizer, target: str, schemes: dict, eval_tokens: int 
 
 def _stream_job(model, transform: QTransform, *, recipe: str, group_size, samples: int, seq_len: int, seed,
                 device: str, output, overwrite: bool, progress: bool, batch_size: int, start: float,
-                true_sequential: bool | None = None) -> dict:
+                true_sequential: bool | None = None, forward_dtype=None) -> dict:
     import transformers
 
     if output is None:
@@ -348,7 +359,7 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
     with CheckpointWriter(output, source=source, recipe=recipe_to_dict(transform), overwrite=overwrite,
                           hf_config=json.loads((folder / "config.json").read_text())) as writer:
         result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
-                                    progress=progress, true_sequential=true_sequential)
+                                    progress=progress, true_sequential=true_sequential, forward_dtype=forward_dtype)
         report["true_sequential"] = result.true_sequential
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         report["worst_layers"], report["linear_errors"] = layer_errors(result)

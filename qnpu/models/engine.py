@@ -88,6 +88,7 @@ from .sequential import SequentialBlocks
 
 # (sequences, tokens) of the calibration ids a data-free recipe's error report is computed on
 ERROR_SAMPLE = (8, 128)
+FORWARD_DTYPES = (None, torch.bfloat16)  # LayerwiseCalibration(forward_dtype=...)
 
 _OOM_TYPES = (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
 # what allocators say when they cannot allocate: CUDA / NPU ("out of memory"), torch's CPU allocator
@@ -194,7 +195,8 @@ class LayerwiseCalibration(SequentialBlocks):
                  batch_size: int = 8, max_stat_tokens: int = 2048, block_input_sample: int = 4,
                  error_tokens: int = 128, float_path: bool | None = None, recipe_device=None,
                  hessian: bool | None = None, data_free: bool | None = None,
-                 error_sample: tuple[int, int] = ERROR_SAMPLE, true_sequential: bool | None = None) -> None:
+                 error_sample: tuple[int, int] = ERROR_SAMPLE, true_sequential: bool | None = None,
+                 forward_dtype: torch.dtype | None = None) -> None:
         if not isinstance(recipe, QTransform):
             raise TypeError(f"recipe must be a QTransform (e.g. chain(...)); got {type(recipe).__name__}")
         for name, value in (("batch_size", batch_size), ("max_stat_tokens", max_stat_tokens),
@@ -205,6 +207,9 @@ class LayerwiseCalibration(SequentialBlocks):
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in error_sample)):
             raise ValueError(f"error_sample={error_sample!r}; allowed: (sequences, tokens), two ints >= 1")
         self.recipe, self.family, self.structure = recipe, family, structure
+        if forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype={forward_dtype!r}; allowed: None (the model's dtype) or torch.bfloat16")
+        self.forward_dtype = forward_dtype
         self.device = torch.device(device)
         self.recipe_device = self.device if recipe_device is None else torch.device(recipe_device)
         self.batch_size, self.max_stat_tokens = batch_size, max_stat_tokens
@@ -313,7 +318,12 @@ class LayerwiseCalibration(SequentialBlocks):
                 f"calibrate {other}")
 
     def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return first_output(block(x, *args, **kwargs))
+        if self.forward_dtype is None:
+            return first_output(block(x, *args, **kwargs))
+        # the block's matmuls in bfloat16 (autocast); its output, the statistics and the recipe stay
+        # in the model's dtype (docs/architecture.md, "What a calibrated block costs")
+        with torch.autocast(self.device.type, dtype=self.forward_dtype):
+            return first_output(block(x, *args, **kwargs)).to(x.dtype)
 
     def _check_params(self, block: nn.Module, prefix: str) -> None:
         for name, p in block.named_parameters():
@@ -552,7 +562,7 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                    error_tokens: int = 128, float_path: bool | None = None,
                    recipe_device=None, hessian: bool | None = None, data_free: bool | None = None,
                    error_sample: tuple[int, int] = ERROR_SAMPLE,
-                   true_sequential: bool | None = None) -> QuantizeResult:
+                   true_sequential: bool | None = None, forward_dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize ``model`` (a supported HF causal LM, see `qnpu.models.families`) with ``recipe``,
     block by block, calibrating on ``calibration_ids [n, seq]`` (module docstring has the flow).
 
@@ -571,6 +581,8 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     ``true_sequential`` (default: on for recipes that read the float path, GPTAQ) rounds each block's
     linears group by group on inputs through the earlier quantized groups (`qnpu.models.sequential`);
     recipes that rescale or rotate run one pass per block whatever it says (a warning when True).
+    ``forward_dtype=torch.bfloat16`` runs the blocks' forward passes (calibration and propagation)
+    under bfloat16 autocast; statistics, hidden states and the recipe stay in the model's dtype.
 
     Raises ValueError naming the block / layer for NaN/Inf weights or activations and for
     inconsistent rotations; out-of-memory errors are re-raised with the block and what to lower.
@@ -581,7 +593,7 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
                                hessian=hessian, data_free=data_free, error_sample=error_sample,
-                               true_sequential=true_sequential)
+                               true_sequential=true_sequential, forward_dtype=forward_dtype)
     was_training = model.training
     model.eval()
     run.capture(model, calibration_ids)

@@ -139,7 +139,7 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
                        error_tokens: int = 128, float_path: bool | None = None, recipe_device=None,
                        hessian: bool | None = None, dtype: torch.dtype | None = None, data_free: bool | None = None,
                        error_sample: tuple[int, int] = ERROR_SAMPLE,
-                       true_sequential: bool | None = None) -> QuantizeResult:
+                       true_sequential: bool | None = None, forward_dtype: torch.dtype | None = None) -> QuantizeResult:
     """Quantize the HF checkpoint folder ``path`` (``config.json`` + safetensors) block by block
     without loading it whole; same arguments and per-block results as `quantize_model`.
 
@@ -174,7 +174,7 @@ def quantize_from_disk(path: str | os.PathLike, recipe: QTransform, calibration_
                                max_stat_tokens=max_stat_tokens, block_input_sample=block_input_sample,
                                error_tokens=error_tokens, float_path=float_path, recipe_device=recipe_device,
                                hessian=hessian, data_free=data_free, error_sample=error_sample,
-                               true_sequential=true_sequential)
+                               true_sequential=true_sequential, forward_dtype=forward_dtype)
     run.capture(model, calibration_ids)
     layers = model.get_submodule(family.layers)
     blocks = []

@@ -47,6 +47,8 @@ class QLinear(nn.Module):
         if self.online_hadamard:
             x = hadamard_transform(x)
         if self.act_spec is not None:
+            if x.dtype != self.weight.dtype:  # under autocast: the input quantizer in the stored dtype
+                x = x.to(self.weight.dtype)
             if self.act_spec.dynamic:
                 x = fake_quantize(x, self.act_spec)
             else:

@@ -96,20 +96,28 @@ def test_quantize_on_a_missing_cuda_exits_2_with_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and "no CUDA device is available" in err and "Traceback" not in err
 
 
-def test_the_quantize_device_reaches_the_engine(monkeypatch, tmp_path):
+def engine_kwargs_of(monkeypatch, argv: list[str]) -> dict:
+    """The keywords ``qnpu <argv>`` passes to `quantize_model` (stopped there: exit 2), on a tiny model."""
     import qnpu.jobs
 
     got = {}
 
     def stop(model, recipe, ids, **kwargs):
         got.update(kwargs)
-        raise ValueError("stopped after the device check")
+        raise ValueError("stopped before quantizing")
 
     monkeypatch.setattr(qnpu.jobs, "quantize_model", stop)
     monkeypatch.setattr(qnpu.jobs, "load", lambda *a, **k: (tiny_llama(1), _Tokenizer(), {"name": "tiny"}))
+    assert main(argv) == 2
+    return got
+
+
+def test_the_quantize_device_reaches_the_engine(monkeypatch, tmp_path):
+    import qnpu.jobs
+
     monkeypatch.setattr(qnpu.jobs, "resolve_device", torch.device)  # a device this machine need not have
-    assert main(["quantize", "--device", "cuda:7", "--no-eval", "--samples", "2", "--seq-len", "8",
-                 "--output", str(tmp_path / "out")]) == 2
+    got = engine_kwargs_of(monkeypatch, ["quantize", "--device", "cuda:7", "--no-eval", "--samples", "2",
+                                         "--seq-len", "8", "--output", str(tmp_path / "out")])
     assert got["device"] == "cuda:7"
 
 

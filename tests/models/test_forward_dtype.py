@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qnpu.cli import main
 from qnpu.models.engine import LayerwiseCalibration, quantize_model
 from qnpu.models.families import block_structure, family_for
 from qnpu.transforms import recipes, rtn
 
-from .test_device_plumbing import _Tokenizer
+from .test_device_plumbing import engine_kwargs_of
 from .test_engine import calibration, tiny_llama
 
 
@@ -58,18 +57,7 @@ def test_float32_forwards_are_the_default_and_other_dtypes_are_refused():
 
 
 def test_the_cli_option_reaches_the_engine(monkeypatch, tmp_path):
-    import qnpu.jobs
-
-    got = {}
-
-    def stop(model, recipe, ids, **kwargs):
-        got.update(kwargs)
-        raise ValueError("stopped")
-
-    monkeypatch.setattr(qnpu.jobs, "quantize_model", stop)
-    monkeypatch.setattr(qnpu.jobs, "load", lambda *a, **k: (tiny_llama(1), _Tokenizer(), {"name": "tiny"}))
-    args = ["quantize", "--no-eval", "--samples", "2", "--seq-len", "8", "--output", str(tmp_path / "out")]
-    assert main([*args, "--forward-dtype", "bfloat16"]) == 2
+    args = ["quantize", "--no-eval", "--samples", "2", "--seq-len", "8", "--output"]
+    got = engine_kwargs_of(monkeypatch, [*args, str(tmp_path / "a"), "--forward-dtype", "bfloat16"])
     assert got["forward_dtype"] is torch.bfloat16
-    assert main([*args, "--output", str(tmp_path / "out2")]) == 2
-    assert got["forward_dtype"] is None
+    assert engine_kwargs_of(monkeypatch, [*args, str(tmp_path / "b")])["forward_dtype"] is None

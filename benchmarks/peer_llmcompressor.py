@@ -4,7 +4,7 @@ Runs in an environment that has llm-compressor (it does not import qnpu):
 
     PEER_PYTHON benchmarks/peer_llmcompressor.py --model DIR --ids ids.pt --out DIR [--group-size 128]
 
-Loads the float32 model from ``--model`` (a Hugging Face folder), runs ``oneshot`` with
+Loads the model from ``--model`` in ``--dtype`` (float32 by default) (a Hugging Face folder), runs ``oneshot`` with
 ``GPTQModifier`` on exactly the token ids in ``--ids`` (an int64 tensor, samples x seq_len; no
 shuffling), weights int4 symmetric per output channel (or in groups along the input), every
 Linear but lm_head, the modifier's defaults otherwise (static act-order, 1% dampening, blocks of
@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the dtype the model is loaded in (its forward passes run in it)")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -39,7 +41,7 @@ def main() -> int:
 
     ids = torch.load(args.ids)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     load_seconds = time.perf_counter() - t0
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = {"num_bits": 4, "type": "int", "symmetric": True,
@@ -58,7 +60,7 @@ def main() -> int:
     save_file(linears, str(out / "weights.safetensors"))
     (out / "peer.json").write_text(json.dumps({
         "oneshot_seconds": round(seconds, 2), "load_seconds": round(load_seconds, 2), "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size, "group_size": args.group_size, "weights": weights,
+        "batch_size": args.batch_size, "dtype": args.dtype, "group_size": args.group_size, "weights": weights,
         "llmcompressor": __import__("llmcompressor").__version__, "torch": torch.__version__}))
     return 0
 

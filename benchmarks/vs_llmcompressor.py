@@ -2,6 +2,7 @@
 
     python benchmarks/vs_llmcompressor.py --peer-python /path/to/venv/bin/python \
         [--samples 128] [--seq-len 512] [--eval-tokens 20480] [--group-sizes none,128] [--threads 2]
+        [--qnpu-forward-dtypes float32,bfloat16] [--peer-dtypes float32,bfloat16]
 
 ``--peer-python`` is an interpreter with ``llmcompressor`` installed (its own environment: it pins
 other transformers versions; install it with ``pip install torch==2.13.0 llmcompressor``). Both
@@ -12,7 +13,9 @@ run one after the other in fresh subprocesses on the same machine. qnpu runs its
 ``GPTQModifier`` on the same scheme (`benchmarks/peer_llmcompressor.py`). Times compared:
 qnpu's ``quantize_seconds`` (the block-by-block engine: calibration passes, GPTQ, propagation)
 against the peer's ``oneshot`` call (its calibration and propagation pipeline and GPTQ). Both
-models are then scored with qnpu's perplexity protocol (both slices, windows of 512). Results go
+runs once per forward dtype: qnpu's ``--forward-dtype`` (bfloat16 autocast of the blocks' forward
+passes, statistics in float32), the peer's model loaded in that dtype. All models are then scored
+with qnpu's perplexity protocol (both slices, windows of 512). Results go
 to benchmarks/results/vs_llmcompressor.{json,md}; JSON on stdout, the table on stderr.
 """
 from __future__ import annotations
@@ -37,7 +40,8 @@ import json, sys
 from qnpu.jobs import quantize_job
 args = json.loads(sys.argv[1])
 r = quantize_job(recipe="w4a16-gptq", group_size=args["group_size"], samples=args["samples"],
-                 seq_len=args["seq_len"], eval_tokens=args["eval_tokens"], evaluate_baseline=False, progress=False)
+                 seq_len=args["seq_len"], eval_tokens=args["eval_tokens"], evaluate_baseline=False, progress=False,
+                 forward_dtype=args["forward_dtype"])
 print(json.dumps({"quantize_seconds": r["quantize_seconds"], "docs": r["quantized"]["docs"]["ppl"],
                   "code": r["quantized"]["code"]["ppl"], "true_sequential": r.get("true_sequential")}))
 """
@@ -73,15 +77,18 @@ def _peer_ppl(weights: Path, eval_tokens: int) -> dict:
 def _markdown(data: dict) -> str:
     lines = [f"GPTQ W4A16 on the default model: {data['samples']} x {data['seq_len']} calibration tokens, "
              f"{data['eval_tokens']} evaluation tokens per slice, {data['threads']} threads, batch 8; {data['env']}. "
-             f"Baseline docs {data['baseline']['docs']:.3f} / code {data['baseline']['code']:.3f}.", "",
-             "| weights | tool | docs ppl | code ppl | quantize s | time vs llm-compressor |", "|---|---|---:|---:|---:|---:|"]
+             f"Baseline docs {data['baseline']['docs']:.3f} / code {data['baseline']['code']:.3f}. Runs in the order "
+             "listed, one at a time.", "",
+             "| weights | tool | forward dtype | docs ppl | code ppl | quantize s | time vs llm-compressor float32 |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for row in data["rows"]:
         g = "per-channel" if row["group_size"] is None else f"group {row['group_size']}"
-        q, p = row["qnpu"], row["llmcompressor"]
-        lines.append(f"| {g} | qnpu | {q['docs']:.3f} | {q['code']:.3f} | {q['seconds']:.1f} | "
-                     f"{q['seconds'] / p['seconds']:.2f}x |")
-        lines.append(f"| {g} | llm-compressor {data['peer_version']} | {p['docs']:.3f} | {p['code']:.3f} | "
-                     f"{p['seconds']:.1f} | 1.00x |")
+        ref = next((r for r in data["rows"] if r["group_size"] == row["group_size"] and r["tool"] != "qnpu"
+                    and r["dtype"] == "float32"), None)
+        ratio = f"{row['seconds'] / ref['seconds']:.2f}x" if ref else "-"
+        tool = "qnpu" if row["tool"] == "qnpu" else f"llm-compressor {data['peer_version']}"
+        lines.append(f"| {g} | {tool} | {row['dtype']} | {row['docs']:.3f} | {row['code']:.3f} | "
+                     f"{row['seconds']:.1f} | {ratio} |")
     lines += ["", "Reproduce: `python benchmarks/vs_llmcompressor.py --peer-python VENV/bin/python`."]
     return "\n".join(lines) + "\n"
 
@@ -94,6 +101,8 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=20480)
     parser.add_argument("--group-sizes", default="none,128")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qnpu-forward-dtypes", default="float32")
+    parser.add_argument("--peer-dtypes", default="float32")
     parser.add_argument("--out", default=str(RESULTS / "vs_llmcompressor"))
     args = parser.parse_args()
     groups = [None if g == "none" else int(g) for g in args.group_sizes.split(",")]
@@ -112,31 +121,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(ids, Path(tmp) / "ids.pt")
         for g in groups:
-            out = Path(tmp) / f"peer-{g}"
-            cmd = [args.peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(default_cache_dir()),
-                   "--ids", str(Path(tmp) / "ids.pt"), "--out", str(out)]
-            if g is not None:
-                cmd += ["--group-size", str(g)]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "peer.log", "w"))
-            peer = json.loads((out / "peer.json").read_text())
-            peer_version = peer["llmcompressor"]
-            peer_wall = time.perf_counter() - t0
-            ppl = _peer_ppl(out / "weights.safetensors", args.eval_tokens)
-            spec = {"group_size": g, "samples": args.samples, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens}
-            t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", QNPU_SIDE, json.dumps(spec)], env=env, check=True,
-                                  capture_output=True, text=True)
-            qnpu_wall = time.perf_counter() - t0
-            q = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append({"group_size": g,
-                         "qnpu": {"docs": q["docs"], "code": q["code"], "seconds": q["quantize_seconds"],
-                                  "process_seconds": round(qnpu_wall, 1), "true_sequential": q["true_sequential"]},
-                         "llmcompressor": {"docs": ppl["docs"], "code": ppl["code"], "seconds": peer["oneshot_seconds"],
-                                           "process_seconds": round(peer_wall, 1),
-                                           "distinct_values_row": ppl["distinct_values_row"]}})
-            print(f"group {g}: qnpu {q['quantize_seconds']:.1f} s vs llm-compressor {peer['oneshot_seconds']:.1f} s",
-                  file=sys.stderr)
+            for dtype in args.peer_dtypes.split(","):
+                out = Path(tmp) / f"peer-{g}-{dtype}"
+                cmd = [args.peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(default_cache_dir()),
+                       "--ids", str(Path(tmp) / "ids.pt"), "--out", str(out), "--dtype", dtype]
+                if g is not None:
+                    cmd += ["--group-size", str(g)]
+                t0 = time.perf_counter()
+                with open(Path(tmp) / "peer.log", "w") as log:
+                    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=log)
+                peer = json.loads((out / "peer.json").read_text())
+                peer_version = peer["llmcompressor"]
+                wall = time.perf_counter() - t0
+                ppl = _peer_ppl(out / "weights.safetensors", args.eval_tokens)
+                rows.append({"group_size": g, "tool": "llm-compressor", "dtype": dtype, "docs": ppl["docs"],
+                             "code": ppl["code"], "seconds": peer["oneshot_seconds"], "process_seconds": round(wall, 1),
+                             "distinct_values_row": ppl["distinct_values_row"]})
+                print(f"group {g}: llm-compressor {dtype} {peer['oneshot_seconds']:.1f} s", file=sys.stderr)
+            for dtype in args.qnpu_forward_dtypes.split(","):
+                spec = {"group_size": g, "samples": args.samples, "seq_len": args.seq_len,
+                        "eval_tokens": args.eval_tokens, "forward_dtype": None if dtype == "float32" else dtype}
+                t0 = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", QNPU_SIDE, json.dumps(spec)], env=env, check=True,
+                                      capture_output=True, text=True)
+                q = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({"group_size": g, "tool": "qnpu", "dtype": dtype, "docs": q["docs"], "code": q["code"],
+                             "seconds": q["quantize_seconds"], "process_seconds": round(time.perf_counter() - t0, 1),
+                             "true_sequential": q["true_sequential"]})
+                print(f"group {g}: qnpu {dtype} {q['quantize_seconds']:.1f} s", file=sys.stderr)
     data = {"samples": args.samples, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "threads": args.threads,
             "env": f"torch {torch.__version__}, {platform.machine()}, load average {os.getloadavg()[0]:.2f} at the end",
             "baseline": baseline, "peer_version": peer_version, "rows": rows}

@@ -82,6 +82,11 @@ def classify(label: str, m) -> str:
         raise LoweringError(f"{label}: weight granularity {ws.granularity} (axis {ws.axis}) is not per output "
                             "channel or per input group; the Ascend matmuls scale per output channel")
     if act is None:
+        k = q.codes.shape[1]
+        if ws.granularity == "group" and not (ws.group_size % 32 == 0 and 32 <= ws.group_size <= k - 1):
+            raise LoweringError(f"{label}: weight-only groups of {ws.group_size} over in_features {k}: "
+                                "npu_weight_quant_batchmatmul takes antiquant_group_size a multiple of 32 in "
+                                f"[32, {k - 1}]; quantize with such a --group-size, or per channel")
         return "W8A16" if ws.bits > 4 else "W4A16"
     if act.format != "int" or act.bits != 8 or not act.symmetric and act.dynamic:
         raise LoweringError(f"{label}: activation spec a{act.bits} {act.format} "

@@ -114,6 +114,13 @@ def test_w4a8_groups_the_kernel_cannot_take_are_refused_before_building():
         plan(quantized("llama", "w4a8", 16))
 
 
+@pytest.mark.parametrize("recipe,group", [("w4a16-gptq", 16), ("w8a16", 16), ("w4a16-gptq", 64)])
+def test_weight_only_groups_the_op_refuses_are_refused_by_plan(recipe, group):
+    # the tiny model's q_proj has K = 64: groups must be a multiple of 32 in [32, 63]
+    with pytest.raises(LoweringError, match=rf"q_proj: weight-only groups of {group} over in_features 64: .*\[32, 63\]"):
+        plan(quantized("llama", recipe, group))
+
+
 @pytest.mark.parametrize("recipe,group", [("w8a8", None), ("w8a8-dynamic", None), ("w4a16-gptq", 32), ("w4a8", None),
                                           ("w4a8", 64)])
 def test_bf16_lowered_model_tracks_bf16_simulation(recipe, group):

@@ -2,7 +2,8 @@
 
 The registry maps ``(target, scheme)`` to a builder; a target is a name, a pre-flight check run
 on every layer before anything is built, and a set of schemes. Adding a target (say ``cuda``)
-is one folder registering its entries (docs/architecture.md, "Lowering").
+is one `register_target` call at the end of this module, with its prepare / check functions and
+builders (docs/architecture.md, "Adding a lowering target").
 """
 from __future__ import annotations
 

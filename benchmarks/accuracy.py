@@ -50,17 +50,18 @@ def _markdown(data: dict) -> str:
                   "their weight column counts codes, fp32 scales and offsets and BiLLM's split bitmap as stored "
                   "(BiLLM's paper counts its sign bits only: about 1.1 bits per weight)."]
     if data.get("before"):
-        lines += ["", f"Before -> after ({data['before']['label']}; rows measured in both):", "",
+        lines += ["", f"Before -> after ({data['before']['label']}; the recipes measured again):", "",
                   "| recipe | docs ppl | code ppl | quantize s |", "|---|---:|---:|---:|"]
         old = {r["recipe"]: r for r in data["before"]["rows"]}
         for row in data["rows"]:
             b = old.get(row["recipe"])
-            if b is not None:
+            if b is not None and row["recipe"] in data["before"]["remeasured"]:
                 lines.append(f"| {row['recipe']} | {b['docs']:.3f} -> {row['docs']:.3f} | {b['code']:.3f} -> "
                              f"{row['code']:.3f} | {b['quantize_seconds']:.1f} -> {row['quantize_seconds']:.1f} |")
     lines += ["", "Peer reference (llm-compressor, same protocol):", "", "| setting | docs | code | seconds |",
               "|---|---:|---:|---:|"]
     lines += [f"| {k} | {d:.3f} | {c:.3f} | {s} |" for k, (d, c, s) in PEER.items()]
+    lines += ["", "Timed side by side with qnpu on the same ids and machine: `benchmarks/results/vs_llmcompressor.md`."]
     lines += ["", "Reproduce: `python benchmarks/accuracy.py` (add `--recipes a,b` for a subset)."]
     return "\n".join(lines) + "\n"
 
@@ -84,7 +85,8 @@ def _merge(paths: list[Path], out: Path, before: tuple[Path, str] | None = None)
     data["rows"].sort(key=lambda r: (order.get(r["recipe"].split(" ")[0], len(order)), r["recipe"]))
     if before is not None:
         old = json.loads(before[0].read_text())
-        data["before"] = {"label": before[1], "rows": [{k: r[k] for k in ("recipe", "docs", "code", "quantize_seconds")}
+        again = {r["recipe"] for run, path in zip(runs, paths) if path.resolve() != before[0].resolve() for r in run["rows"]}
+        data["before"] = {"label": before[1], "remeasured": sorted(again), "rows": [{k: r[k] for k in ("recipe", "docs", "code", "quantize_seconds")}
                                                        for r in old["rows"]]}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text(_markdown(data))

@@ -377,7 +377,7 @@ def load_on(model: str | None, device: str, progress: bool):
     """`load` (``(model, tokenizer, source)``) with the model moved to ``device`` (checked with
     `resolve_device` by the caller before anything is loaded): qnpu eval's ``--device``."""
     net, tokenizer, source = load(model, progress=progress)
-    return net.to(device), tokenizer, source
+    return (net if str(device) == "cpu" else net.to(device)), tokenizer, source  # models load on the CPU
 
 
 def eval_job(*, model: str | None = None, slices=EVAL_SLICES, eval_tokens: int | None = None,

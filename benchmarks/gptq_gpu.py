@@ -117,13 +117,13 @@ class TimedCalibration(LayerwiseCalibration):
         row["output_error"] = result.output_error
         return result
 
-    def _calibrate(self, block, prefix):
+    def _calibrate(self, block, prefix, batches=None):
         with self.clock("collect_s"):
-            return super()._calibrate(block, prefix)
+            return super()._calibrate(block, prefix, batches)
 
-    def _one_pass(self, block, prefix):
+    def _one_pass(self, block, prefix, batches=None):
         with self.clock("one_pass_s"):
-            return super()._one_pass(block, prefix)
+            return super()._one_pass(block, prefix, batches)
 
 
 def run_grid(model, ids, group: int | None, device: str, batch_size: int, progress: bool) -> list[dict]:

@@ -20,7 +20,7 @@ Usage (from the repository root)::
     python benchmarks/true_sequential.py model [--recipes w4a16-gptq w4a16-gptaq] [--seeds 0]
         [--samples 16 --seq-len 512 --eval-tokens 8192] [--runs DIR]
 
-Writes ``benchmarks/results/true_sequential_<part>.json`` and ``.md``; prints the JSON to stdout and
+Writes ``benchmarks/results/true_sequential_<part><tag>.json`` and ``.md`` (``--tag``, model part only); prints the JSON to stdout and
 the markdown table to stderr. The machine may be shared: the 1-minute load average is recorded.
 """
 from __future__ import annotations
@@ -120,6 +120,7 @@ def main() -> None:
     p_m.add_argument("--eval-tokens", type=int, default=8192)
     p_m.add_argument("--runs", type=Path, default=Path("true_sequential_runs"))
     p_m.add_argument("--collect", action="store_true", help="tabulate the runs already in --runs, run nothing")
+    p_m.add_argument("--tag", default="", help="suffix of the result files (true_sequential_model<TAG>.json/.md)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.part == "blocks":
@@ -129,8 +130,9 @@ def main() -> None:
                             args.collect)
     data.update(load_average_1m=os.getloadavg()[0], torch=torch.__version__, threads=torch.get_num_threads())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"true_sequential_{args.part}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / f"true_sequential_{args.part}.md").write_text(table + "\n")
+    stem = f"true_sequential_{args.part}{getattr(args, 'tag', '')}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(json.dumps(data, indent=1))
     print(table, file=sys.stderr)
 

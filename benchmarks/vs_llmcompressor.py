@@ -13,7 +13,8 @@ run one after the other in fresh subprocesses on the same machine. qnpu runs its
 ``GPTQModifier`` on the same scheme (`benchmarks/peer_llmcompressor.py`). Times compared:
 qnpu's ``quantize_seconds`` (the block-by-block engine: calibration passes, GPTQ, propagation)
 against the peer's ``oneshot`` call (its calibration and propagation pipeline and GPTQ). Both
-runs once per forward dtype: qnpu's ``--forward-dtype`` (bfloat16 autocast of the blocks' forward
+runs once per forward dtype (and qnpu once per ``--qnpu-engines``: its default, true-sequential for
+GPTQ, or one pass per block, which is what the peer does): qnpu's ``--forward-dtype`` (bfloat16 autocast of the blocks' forward
 passes, statistics in float32), the peer's model loaded in that dtype. All models are then scored
 with qnpu's perplexity protocol (both slices, windows of 512). Results go
 to benchmarks/results/vs_llmcompressor.{json,md}; JSON on stdout, the table on stderr.
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+# --qnpu-engines: qnpu's true_sequential argument (default: on for recipes that only round, as GPTQ)
+ENGINES = {"default": None, "true-sequential": True, "one-pass": False}
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 
@@ -41,7 +44,7 @@ from qnpu.jobs import quantize_job
 args = json.loads(sys.argv[1])
 r = quantize_job(recipe="w4a16-gptq", group_size=args["group_size"], samples=args["samples"],
                  seq_len=args["seq_len"], eval_tokens=args["eval_tokens"], evaluate_baseline=False, progress=False,
-                 forward_dtype=args["forward_dtype"])
+                 forward_dtype=args["forward_dtype"], true_sequential=args["true_sequential"])
 print(json.dumps({"quantize_seconds": r["quantize_seconds"], "docs": r["quantized"]["docs"]["ppl"],
                   "code": r["quantized"]["code"]["ppl"], "true_sequential": r.get("true_sequential")}))
 """
@@ -81,12 +84,14 @@ def _markdown(data: dict) -> str:
              "listed, one at a time.", "",
              "| weights | tool | forward dtype | docs ppl | code ppl | quantize s | time vs llm-compressor float32 |",
              "|---|---|---|---:|---:|---:|---:|"]
+    engine = {True: " (true-sequential)", False: " (one pass)", None: ""}
     for row in data["rows"]:
         g = "per-channel" if row["group_size"] is None else f"group {row['group_size']}"
         ref = next((r for r in data["rows"] if r["group_size"] == row["group_size"] and r["tool"] != "qnpu"
                     and r["dtype"] == "float32"), None)
         ratio = f"{row['seconds'] / ref['seconds']:.2f}x" if ref else "-"
-        tool = "qnpu" if row["tool"] == "qnpu" else f"llm-compressor {data['peer_version']}"
+        tool = f"qnpu{engine[row.get('true_sequential')]}" if row["tool"] == "qnpu" else \
+            f"llm-compressor {data['peer_version']}"
         lines.append(f"| {g} | {tool} | {row['dtype']} | {row['docs']:.3f} | {row['code']:.3f} | "
                      f"{row['seconds']:.1f} | {ratio} |")
     lines += ["", "Reproduce: `python benchmarks/vs_llmcompressor.py --peer-python VENV/bin/python`."]
@@ -103,6 +108,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qnpu-forward-dtypes", default="float32")
     parser.add_argument("--peer-dtypes", default="float32")
+    parser.add_argument("--qnpu-engines", default="default",
+                        help="comma-separated qnpu calibration engines: default, true-sequential, one-pass")
     parser.add_argument("--out", default=str(RESULTS / "vs_llmcompressor"))
     args = parser.parse_args()
     groups = [None if g == "none" else int(g) for g in args.group_sizes.split(",")]
@@ -138,9 +145,11 @@ def main() -> int:
                              "code": ppl["code"], "seconds": peer["oneshot_seconds"], "process_seconds": round(wall, 1),
                              "distinct_values_row": ppl["distinct_values_row"]})
                 print(f"group {g}: llm-compressor {dtype} {peer['oneshot_seconds']:.1f} s", file=sys.stderr)
-            for dtype in args.qnpu_forward_dtypes.split(","):
+            for dtype, engine in ((d, e) for d in args.qnpu_forward_dtypes.split(",")
+                                  for e in args.qnpu_engines.split(",")):
                 spec = {"group_size": g, "samples": args.samples, "seq_len": args.seq_len,
-                        "eval_tokens": args.eval_tokens, "forward_dtype": None if dtype == "float32" else dtype}
+                        "eval_tokens": args.eval_tokens, "forward_dtype": None if dtype == "float32" else dtype,
+                        "true_sequential": ENGINES[engine]}
                 t0 = time.perf_counter()
                 done = subprocess.run([sys.executable, "-c", QNPU_SIDE, json.dumps(spec)], env=env, check=True,
                                       capture_output=True, text=True)

@@ -361,6 +361,8 @@ def _stream_job(model, transform: QTransform, *, recipe: str, group_size, sample
         result = quantize_from_disk(folder, transform, ids, on_block=write, device=device, batch_size=batch_size,
                                     progress=progress, true_sequential=true_sequential, forward_dtype=forward_dtype)
         report["true_sequential"] = result.true_sequential
+        stored = result.config.get("dtype") or result.config.get("torch_dtype") or "float32"
+        report["forward_dtype"] = str(forward_dtype or stored).removeprefix("torch.")
         report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         report["worst_layers"], report["linear_errors"] = layer_errors(result)
         report["error_sample_tokens"], report["data_free"] = result.error_sample_tokens, result.data_free

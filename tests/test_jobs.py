@@ -48,6 +48,7 @@ def test_streamed_job_writes_the_same_model_as_the_in_memory_one(tmp_path):
                   progress=False)
     report = quantize_job(**common, output=str(tmp_path / "streamed"), stream=True)
     assert report["streamed"] and len(report["worst_layers"]) == 5 and "baseline" not in report
+    assert report["forward_dtype"] == "float32"  # the blocks' forward dtype, as the in-memory report says
     assert report["weight_bytes"]["linear_weights"] < report["weight_bytes"]["before"] / 3  # int4 codes
     assert report["model"]["weight_files"] == {"model.safetensors": (tmp_path / "float/model.safetensors").stat().st_size}
     memory = quantize_job(**common, output=str(tmp_path / "memory"), evaluate_baseline=False, evaluate_result=False)
@@ -76,9 +77,9 @@ def test_true_sequential_reaches_both_engines_and_the_report(tmp_path):
     common = dict(model=str(tmp_path / "float"), recipe="w2a16-gptq", samples=4, seq_len=32, progress=False,
                   evaluate_baseline=False, evaluate_result=False)
     runs = {(stream, seq): quantize_job(**common, output=str(tmp_path / f"{stream}-{seq}"), stream=stream,
-                                        true_sequential=seq) for stream in (False, True) for seq in (True, None)}
-    assert [r["true_sequential"] for r in runs.values()] == [True, False, True, False]  # GPTQ: off by default
+                                        true_sequential=seq) for stream in (False, True) for seq in (True, False)}
+    assert [r["true_sequential"] for r in runs.values()] == [True, False, True, False]
     models = {key: load(tmp_path / f"{key[0]}-{key[1]}")[0] for key in runs}
     weight = {key: m.model.layers[0].mlp.down_proj.weight for key, m in models.items()}
-    assert torch.equal(weight[False, True], weight[True, True]) and torch.equal(weight[False, None], weight[True, None])
-    assert not torch.equal(weight[False, True], weight[False, None])
+    assert torch.equal(weight[False, True], weight[True, True]) and torch.equal(weight[False, False], weight[True, False])
+    assert not torch.equal(weight[False, True], weight[False, False])

@@ -22,10 +22,12 @@ This is wiring (docs/architecture.md, the layer table); the math lives in `qnpu.
    them from `static_input_qparams` on the block's final statistics, so recipes need not list it);
 4. the *quantized* block runs on ``X_i``, giving ``X_{i+1}`` (errors propagate, as at inference).
 
-With ``true_sequential`` (default: on for recipes that read the float path, GPTAQ; it applies to
-recipes that only round, which block 0 decides), steps 2-3
-run once per group ``[q, k, v] -> [o] -> [gate, up] -> [down]``, each group's statistics taken from
-the block with the earlier groups already quantized (`qnpu.models.sequential`).
+With ``true_sequential`` (default: on; it applies to recipes that only round, GPTQ, GPTAQ, BiLLM,
+SliM-LLM, which block 0 decides from a one-pass run on its first batch), steps 2-4 run once per
+group ``[q, k, v] -> [o] -> [gate, up] -> [down]``, each group's statistics taken from the block with
+the earlier groups already quantized (`qnpu.models.sequential`), and the passes resume from the
+tensors earlier passes computed (`qnpu.models.stages`): each linear runs once per calibration row,
+half the forward work of steps 2 and 4. The block error is then measured on the first batch.
 
 What is collected follows what the recipe's transforms declare they read
 (`qnpu.transforms.reads_of`; the engine knows no transform by name). A *data-free* recipe, one that
@@ -225,14 +227,18 @@ class LayerwiseCalibration(SequentialBlocks):
         self.data_free = not calibrated if data_free is None else bool(data_free)
         self.error_sample = tuple(error_sample)
         if true_sequential not in (None, True, False):
-            raise ValueError(f"true_sequential={true_sequential!r}; allowed: None (on for recipes that read the "
-                             "float path), True or False")
+            raise ValueError(f"true_sequential={true_sequential!r}; allowed: None (on for recipes that only "
+                             "round), True or False")
         # decided on block 0 (`sequential.basis_preserving`): the groups to round one after the other
         self.true_sequential = true_sequential
-        # default: on where it was measured to win on the default model, GPTAQ (docs/architecture.md)
-        wanted = self.float_path if true_sequential is None else true_sequential
+        # default: on (docs/architecture.md, "True-sequential calibration": as good at W4, better at W3/W2
+        # and GPTAQ, and about 0.6x the one-pass time); recipes that rescale or rotate run one pass anyway
+        wanted = True if true_sequential is None else true_sequential
         self.sequential = wanted and not self.data_free
         self.groups: tuple[tuple[str, ...], ...] | None = None
+        # whether true-sequential passes resume from caches (`stages.BlockStages`; checked on the first block)
+        self.stages = None
+        self.staged: bool | None = None
         self.hidden: torch.Tensor | None = None
         self.fp_hidden: torch.Tensor | None = None
         self.batches: list[tuple[slice, tuple, dict]] = []
@@ -331,11 +337,14 @@ class LayerwiseCalibration(SequentialBlocks):
                 raise ValueError(f"block {prefix.rstrip('.')}: parameter {prefix}{name} has NaN/Inf values; "
                                  "quantization needs finite weights: inspect the checkpoint")
 
-    def _calibrate(self, block: nn.Module, prefix: str) -> tuple[dict[str, LinearStats], torch.Tensor]:
-        """Stats of every linear input of the float block on the current inputs; returns them and
-        the float block's outputs (the reference for the block error). Advances the float path."""
+    def _calibrate(self, block: nn.Module, prefix: str, batches: list | None = None
+                   ) -> tuple[dict[str, LinearStats], torch.Tensor]:
+        """Stats of every linear input of the float block on the current inputs (of ``batches``,
+        default all); returns them and the float block's outputs (the reference for the block error).
+        Advances the float path."""
         sites = input_sites(self.structure)
-        total = self.hidden.shape[0] * self.hidden.shape[1]
+        batches = self.batches if batches is None else batches
+        total = batches[-1][0].stop * self.hidden.shape[1]
         keep = total if self.data_free else self.max_stat_tokens  # data-free: every error-sample row
         acc = {s: SiteStats(keep, self.hessian, total) for s in set(sites.values())}
         mode: dict = {"phase": None, "fp": {}}
@@ -349,9 +358,9 @@ class LayerwiseCalibration(SequentialBlocks):
             return hook
 
         handles = [block.get_submodule(s).register_forward_hook(make_hook(s)) for s in acc]
-        reference = torch.empty_like(self.hidden)
+        reference = torch.empty_like(self.hidden[: batches[-1][0].stop])
         try:
-            for rows, args, kwargs in self.batches:
+            for rows, args, kwargs in batches:
                 if self.float_path:
                     mode["phase"] = "fp"
                     self.fp_hidden[rows] = self._forward(block, self.fp_hidden[rows], args, kwargs)
@@ -422,31 +431,20 @@ class LayerwiseCalibration(SequentialBlocks):
         self._check_params(block, prefix)
         if self.sequential and self.groups is not None:
             done = self._sequential_block(block, prefix)
-        else:
-            # block 0 decides (true-sequential needs the float path as it was before the one pass)
-            fp_before = self.fp_hidden.clone() if self.sequential and self.float_path else None
-            done = self._one_pass(block, prefix)
-            if self.sequential and self._decide_sequential(*done[1:4]):
-                self.fp_hidden = fp_before
+        elif self.sequential:
+            # block 0 decides from a one-pass run on the first batch (what the recipe writes does not
+            # depend on how much data it saw); the float path is put back as it was before that run
+            fp_before = self.fp_hidden[self.batches[0][0]].clone() if self.float_path else None
+            probe = self._one_pass(block, prefix, self.batches[:1])
+            if self.float_path:
+                self.fp_hidden[self.batches[0][0]] = fp_before
+            if self._decide_sequential(*probe[1:4]):
                 done = self._sequential_block(block, prefix)
             else:
-                done = self._finish_one_pass(block, index, *done)
-        original, view, state, errors, qweights, act_qparams, q, reference = done
-        # squared error, squared reference, non-finite outputs: summed on the device, read once per block
-        sums = torch.zeros(3, dtype=torch.float64, device=self.hidden.device)
-        for rows, args, kwargs in self.batches:
-            x = self.hidden[rows]
-            if q is not None:
-                x = (x.to(q.dtype) @ q).to(x.dtype)
-            out = self._forward(block, x, args, kwargs)
-            if q is not None:
-                out = (out.to(q.dtype) @ q.T).to(out.dtype)
-            ref = reference[rows].double()
-            sums[0] += (ref - out.double()).pow(2).sum()
-            sums[1] += ref.pow(2).sum()
-            sums[2] += (~torch.isfinite(out)).sum()
-            self.hidden[rows] = out
-        num, den, bad = sums.tolist()
+                done = self._finish_one_pass(block, index, *self._one_pass(block, prefix))
+        else:
+            done = self._finish_one_pass(block, index, *self._one_pass(block, prefix))
+        original, view, state, errors, qweights, act_qparams, (num, den, bad) = done
         if bad:
             raise ValueError(f"the quantized block {prefix.rstrip('.')} produced NaN/Inf outputs; check the "
                              "recipe's specs for this block (e.g. too few bits or a static scale of 0)")
@@ -471,9 +469,10 @@ class LayerwiseCalibration(SequentialBlocks):
                 module.act_qparams = act_qparams.get(name, module.act_qparams)
         return state, qweights, act_qparams
 
-    def _one_pass(self, block: nn.Module, prefix: str):
-        """Float statistics of every linear, then the recipe on the whole block at once."""
-        stats, reference = self._calibrate(block, prefix)
+    def _one_pass(self, block: nn.Module, prefix: str, batches: list | None = None):
+        """Float statistics of every linear (on ``batches``, default all), then the recipe on the whole
+        block at once."""
+        stats, reference = self._calibrate(block, prefix, batches)
         original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
         view = make_view(original, self.structure, to_device(stats, self.recipe_device), prefix=prefix,
                          inputs=self.hidden[: self.block_input_sample].to(self.recipe_device))
@@ -485,7 +484,31 @@ class LayerwiseCalibration(SequentialBlocks):
         q = self._rotation_of(state, view, original, index)
         self._write_back(block, view, original, qweights, act_qparams)
         errors = self._linear_errors(view, original, log, qweights, act_qparams)
-        return original, view, state, errors, qweights, act_qparams, q, reference
+        return original, view, state, errors, qweights, act_qparams, self._propagate(block, q, reference)
+
+    def _propagate(self, block: nn.Module, q: torch.Tensor | None, reference: torch.Tensor,
+                   run: Callable[[int, torch.Tensor, tuple, dict], torch.Tensor] | None = None):
+        """The quantized block on every batch: ``hidden`` advanced to the next block's inputs (in the
+        unrotated basis when the block computes in ``x Q``). Returns the squared output error against
+        ``reference`` (the float block's outputs on its leading rows: all of them, or the first batch),
+        the squared reference and the count of non-finite outputs, summed on the device and read once.
+        ``run(batch_index, x, args, kwargs)`` computes the block (default: the plain forward)."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.hidden.device)
+        for b, (rows, args, kwargs) in enumerate(self.batches):
+            x = self.hidden[rows]
+            if q is not None:
+                x = (x.to(q.dtype) @ q).to(x.dtype)
+            out = self._forward(block, x, args, kwargs) if run is None else run(b, x, args, kwargs)
+            if q is not None:
+                out = (out.to(q.dtype) @ q.T).to(out.dtype)
+            if rows.start < reference.shape[0]:
+                ref = reference[rows].double()
+                sums[0] += (ref - out[: ref.shape[0]].double()).pow(2).sum()
+                sums[1] += ref.pow(2).sum()
+            sums[2] += (~torch.isfinite(out)).sum()
+            self.hidden[rows] = out
+        num, den, bad = sums.tolist()
+        return num, den, bad
 
     def _quantized_of(self, view: BlockView, state, names) -> tuple[dict, dict]:
         """The rounded weights and static input qparams of ``names`` after a recipe run."""
@@ -578,9 +601,9 @@ def quantize_model(model: nn.Module, recipe: QTransform, calibration_ids: torch.
     on the first ``error_sample = (sequences, tokens)`` of ``calibration_ids`` only, for the error
     report; the weights are those of a full calibration. ``data_free=False`` calibrates on all of
     ``calibration_ids`` anyway; True for a recipe that reads something is a ValueError.
-    ``true_sequential`` (default: on for recipes that read the float path, GPTAQ) rounds each block's
-    linears group by group on inputs through the earlier quantized groups (`qnpu.models.sequential`);
-    recipes that rescale or rotate run one pass per block whatever it says (a warning when True).
+    ``true_sequential`` (default: on) rounds each block's linears group by group on inputs through the
+    earlier quantized groups (`qnpu.models.sequential`) for recipes that only round; recipes that
+    rescale or rotate run one pass per block whatever it says (a warning when True).
     ``forward_dtype=torch.bfloat16`` runs the blocks' forward passes (calibration and propagation)
     under bfloat16 autocast; statistics, hidden states and the recipe stay in the model's dtype.
 

@@ -27,8 +27,9 @@ import torch
 from qnpu.qcore import QSpec, fake_quantize
 from qnpu.transforms import BlockStructure, BlockView, RotationState, find_states, make_view
 
-from .capture import SiteStats, Stop, input_sites, to_device
+from .capture import SiteStats, input_sites, to_device
 from .results import replaced_linears
+from .stages import OUT, BlockStages
 
 
 def sequential_groups(structure: BlockStructure) -> tuple[tuple[str, ...], ...]:
@@ -58,12 +59,12 @@ def dynamic_act_specs(view: BlockView, names) -> dict[str, QSpec]:
 
 
 class GroupCapture:
-    """Streams the statistics of one group's inputs, batch by batch, from forward hooks.
+    """Streams the statistics of one group's inputs, batch by batch, from forward pre-hooks.
 
     One accumulator per (input site, own activation spec): q/k/v share their input, and share an
     accumulator unless their activation quantizers differ. In the ``"fp"`` phase a hook keeps the
     float path's input of the batch until the ``"q"`` phase's hook pairs it with the quantized one.
-    With ``stop`` the forward ends (`Stop`) once every site of the group has been seen."""
+    The pass itself stops at the group's site (`BlockStages.run`)."""
 
     def __init__(self, structure: BlockStructure, names, *, keep: int, hessian: bool, total: int,
                  act_specs: Mapping[str, QSpec] | None = None) -> None:
@@ -72,13 +73,13 @@ class GroupCapture:
         self.key = {n: (sites[n], act_specs.get(n)) for n in names}
         self.acc = {k: SiteStats(keep, hessian, total) for k in dict.fromkeys(self.key.values())}
         self.sites = tuple(dict.fromkeys(site for site, _ in self.acc))
-        self.phase, self.stop, self.fp, self.seen = None, False, {}, set()
+        self.phase, self.fp = None, {}
 
     def hooks(self, block: torch.nn.Module) -> list:
-        return [block.get_submodule(site).register_forward_hook(self._hook(site)) for site in self.sites]
+        return [block.get_submodule(site).register_forward_pre_hook(self._hook(site)) for site in self.sites]
 
     def _hook(self, site: str):
-        def hook(module, inputs, output):
+        def hook(module, inputs):
             x = inputs[0]
             if self.phase == "fp":
                 self.fp[site] = x
@@ -87,14 +88,7 @@ class GroupCapture:
                 for (s, spec), acc in self.acc.items():
                     if s == site:
                         acc.add(x if spec is None else fake_quantize(x, spec), fp)
-            self.seen.add(site)
-            if self.stop and len(self.seen) == len(self.sites):
-                raise Stop
         return hook
-
-    def begin(self, phase: str, stop: bool) -> None:
-        self.phase, self.stop = phase, stop
-        self.seen = set()
 
     def result(self) -> dict:
         done = {k: a.result() for k, a in self.acc.items()}
@@ -142,21 +136,24 @@ class SequentialBlocks:
 
     def _sequential_block(self, block: torch.nn.Module, prefix: str):
         """Round the groups one after the other, each on statistics of the block with the earlier groups
-        quantized (module docstring). Returns what `_finish_one_pass` returns."""
+        quantized (module docstring), then propagate. The passes resume from per-batch caches
+        (`BlockStages`) when the family's block was verified to allow it. Returns what
+        `_finish_one_pass` returns; the block output error is measured on the first batch."""
         s = self.structure
         floats = {n: block.get_submodule(n) for n in s.linears}
         original = {k: v.detach().to(self.recipe_device) for k, v in block.named_parameters()}
         view = make_view(original, s, {}, prefix=prefix,
                          inputs=self.hidden[: self.block_input_sample].to(self.recipe_device))
-        reference = torch.empty_like(self.hidden)
+        reference = self._staged_reference(block)
+        caches = [{} for _ in self.batches] if self.staged else None
+        fp_caches = [{} for _ in self.batches] if self.staged and self.float_path else None
         states, errors, qweights, act_qparams = [], {}, {}, {}
-        for g, names in enumerate(self.groups):
-            stats = self._capture_group(block, floats, names, reference=reference if g == 0 else None,
-                                        prefix=prefix)
+        for names in self.groups:
+            stats = self._capture_group(block, floats, names, caches, fp_caches, prefix=prefix)
             new, state, log = self._run_recipe(view.with_stats(stats)._replace(targets=names))
             acts = dynamic_act_specs(new, names) if self.float_path else {}
             if acts:  # GPTAQ's X is the input after the linear's own quantizer, known once the specs are
-                stats = self._capture_group(block, floats, names, acts, prefix=prefix)
+                stats = self._capture_group(block, floats, names, caches, fp_caches, acts, prefix=prefix)
                 new, state, log = self._run_recipe(view.with_stats(stats)._replace(targets=names))
             rounded, static = self._quantized_of(new, state, names)
             if not basis_preserving(state, new, log, rounded):
@@ -171,31 +168,51 @@ class SequentialBlocks:
             view = new._replace(targets=s.linears)
         if self.float_path:  # advance the float path: the float block on its own inputs
             with float_linears(block, floats):
-                for rows, args, kwargs in self.batches:
-                    self.fp_hidden[rows] = self._forward(block, self.fp_hidden[rows], args, kwargs)
-        return original, view, tuple(states), errors, qweights, act_qparams, None, reference
+                for b, (rows, args, kwargs) in enumerate(self.batches):
+                    self.fp_hidden[rows] = self._pass(block, OUT, self.fp_hidden[rows], args, kwargs,
+                                                      None if fp_caches is None else fp_caches[b])
+        sums = self._propagate(block, None, reference, lambda b, x, args, kwargs: self._pass(
+            block, OUT, x, args, kwargs, None if caches is None else caches[b]))
+        return original, view, tuple(states), errors, qweights, act_qparams, sums
 
-    def _capture_group(self, block: torch.nn.Module, floats, names, act_specs=None, *, reference=None,
+    def _pass(self, block: torch.nn.Module, site: int, x: torch.Tensor, args: tuple, kwargs: dict,
+              cache: dict | None) -> torch.Tensor | None:
+        return self.stages.run(block, site, lambda b: self._forward(b, x, args, kwargs), cache)
+
+    def _staged_reference(self, block: torch.nn.Module) -> torch.Tensor:
+        """The float block's output on the first batch (the block error's reference); on the first
+        true-sequential block also decides whether passes may resume from caches (`BlockStages.verify`)."""
+        rows, args, kwargs = self.batches[0]
+        x = self.hidden[rows]
+        reference = self._forward(block, x, args, kwargs)
+        if self.staged is None:
+            self.stages = BlockStages(self.structure)
+            self.staged = self.stages.verify(block, lambda b: self._forward(b, x, args, kwargs), reference)
+            if not self.staged and self.stages.possible:
+                warnings.warn(f"{type(block).__name__}: resuming its forward from o_proj / down_proj inputs did "
+                              "not reproduce the block's output; true-sequential calibration re-runs the block "
+                              "from its input for every group (slower, same result)", stacklevel=5)
+        return reference
+
+    def _capture_group(self, block: torch.nn.Module, floats, names, caches, fp_caches, act_specs=None, *,
                        prefix: str = "") -> dict:
         """Statistics of ``names``' inputs on every batch: the float path's (float linears, ``fp_hidden``)
-        paired with the quantized path's (the block as it is now, ``hidden``). With ``reference`` the
-        quantized-path forward runs to the end and its outputs are stored there (group 0: the block
-        is still float, so these are the float block's outputs)."""
+        paired with the quantized path's (the block as it is now, ``hidden``), each pass stopping at
+        the group's site."""
         total = self.hidden.shape[0] * self.hidden.shape[1]
         cap = GroupCapture(self.structure, names, keep=self.max_stat_tokens, hessian=self.hessian, total=total,
                            act_specs=act_specs)
+        site = self.stages.site_of[names[0]]
         handles = cap.hooks(block)
         try:
-            for rows, args, kwargs in self.batches:
+            for b, (rows, args, kwargs) in enumerate(self.batches):
                 if self.float_path:
-                    cap.begin("fp", stop=True)
-                    with float_linears(block, floats), contextlib.suppress(Stop):
-                        self._forward(block, self.fp_hidden[rows], args, kwargs)
-                cap.begin("q", stop=reference is None)
-                with contextlib.suppress(Stop):
-                    out = self._forward(block, self.hidden[rows], args, kwargs)
-                    if reference is not None:
-                        reference[rows] = out
+                    cap.phase = "fp"
+                    with float_linears(block, floats):
+                        self._pass(block, site, self.fp_hidden[rows], args, kwargs,
+                                   None if fp_caches is None else fp_caches[b])
+                cap.phase = "q"
+                self._pass(block, site, self.hidden[rows], args, kwargs, None if caches is None else caches[b])
         finally:
             for h in handles:
                 h.remove()

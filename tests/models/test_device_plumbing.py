@@ -49,7 +49,8 @@ def test_blocks_go_to_the_device_and_the_recipe_runs_there(monkeypatch):
     monkeypatch.setattr(nn.Module, "to", to)
     monkeypatch.setattr(LayerwiseCalibration, "_home", staticmethod(home))
     model = tiny_llama(2)
-    quantize_model(model, QTransform(lambda view: EmptyState(), update), calibration(), device="cpu", progress=False)
+    quantize_model(model, QTransform(lambda view: EmptyState(), update), calibration(), device="cpu", progress=False,
+                   true_sequential=False)  # one recipe run per block (no first-batch decision run)
     assert [d for kind, d in moved if kind == "LlamaDecoderLayer"] == [torch.device("cpu")] * 2
     assert seen == [{torch.device("cpu")}] * 2 and homes == [torch.device("cpu")] * 2  # results back at home
 

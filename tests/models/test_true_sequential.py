@@ -6,6 +6,8 @@ activation quantizers), computed independently here with the functional block
 with the quantized path's, after the linear's own dynamic activation quantizer."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,9 +113,10 @@ def test_gptaq_on_block_0_differs_from_gptq_where_the_paths_differ(act):
         assert all(torch.equal(codes["gptq"][n].codes, codes["gptaq"][n].codes) for n in (Q, K, V))
 
 
-def test_the_default_is_on_for_gptaq_and_off_for_gptq():
+def test_the_default_is_on_for_recipes_that_only_round():
     assert run(5, gptaq(), true_sequential=None)[2].true_sequential
-    assert not run(5, gptq(), true_sequential=None)[2].true_sequential
+    assert run(5, gptq(), true_sequential=None)[2].true_sequential
+    assert not run(5, gptq(), true_sequential=False)[2].true_sequential
 
 
 def test_recipes_that_rescale_keep_the_one_pass_path():
@@ -122,10 +125,13 @@ def test_recipes_that_rescale_keep_the_one_pass_path():
     recipe = recorded(seen, chain(quant_specs(weight=QSpec(bits=4, granularity="group", group_size=16, axis=-1)),
                                   awq(), rtn()))
     with pytest.warns(UserWarning, match="one pass"):
-        quantize_model(model, recipe, ids, progress=False, true_sequential=True)
-    assert len(seen) == 1
+        quantize_model(model, recipe, ids, progress=False, true_sequential=True, batch_size=4)
+    # block 0 decides on its first batch (it rescales), then runs one pass on every batch
+    assert len(seen) == 2 and seen[0].stats[Q].tokens.shape[0] < seen[1].stats[Q].tokens.shape[0]
     seen.clear()
-    quantize_model(model, recipe, ids, progress=False)  # the default: silently one pass
-    assert len(seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = quantize_model(model, recipe, ids, progress=False, batch_size=4)  # the default: silently one pass
+    assert len(seen) == 2 and not result.true_sequential
     with pytest.raises(ValueError, match="true_sequential"):
         quantize_model(model, recipe, ids, progress=False, true_sequential="yes")

@@ -20,8 +20,9 @@ from .test_conformance import ROWS
 @pytest.mark.parametrize("group", [None, 32])
 @pytest.mark.parametrize("name", recipes.names())
 def test_builtin_recipes_create_every_tensor_on_an_explicit_device(name, group):
-    if name == "slim-llm" and group is None:
-        pytest.skip("slim-llm's default groups of 128 do not divide the random block's 64 inputs")
+    if name in ("slim-llm", "w4a16-hqq") and group is None:
+        pytest.skip(f"{name}'s default groups of 64 do not divide the random block's 96 down_proj inputs "
+                    "(the group=32 case runs it)")
     recipe = recipes.get(name, group_size=group)
     view = random_block(2, num_kv_heads=1)
     with explicit_devices() as calls:

@@ -9,7 +9,7 @@ from qnpu.transforms import TransformError, WeightsState, find_states, recipe_fr
 
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_builtin_recipe_runs_and_round_trips(name, tmp_path):
-    group = 32 if name == "slim-llm" else None
+    group = 32 if name in ("slim-llm", "w4a16-hqq") else None  # their default groups do not divide 96
     recipe = recipes.get(name, group_size=group)
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe_to_dict(recipe)))
@@ -46,6 +46,14 @@ def test_group_size_sets_the_column_groups_of_billm_and_slim_llm():
 
     assert rounder("billm")["block_size"] == 32 and rounder("slim-llm")["group_size"] == 32
     assert recipes.get("billm").config["transforms"][-1]["block_size"] == 128
+
+
+def test_hqq_is_grouped_by_default():
+    def weight_spec(**kw):
+        return recipes.get("w4a16-hqq", **kw).config["transforms"][0]["weight"]["__qspec__"]
+
+    assert weight_spec()["granularity"] == "group" and weight_spec()["group_size"] == 64
+    assert weight_spec(group_size=32)["group_size"] == 32
 
 
 def test_unknown_recipe_suggests_close_names():

@@ -319,9 +319,11 @@ class LayerwiseCalibration(SequentialBlocks):
         data = "" if self.hidden is None else \
             f" with {self.hidden.shape[0]} calibration sequences of {self.hidden.shape[1]} tokens"
         other = "on another device (--device)" if self.device.type == "cpu" else "on the CPU (device='cpu')"
+        staged = (", calibrate in one pass (--no-true-sequential: true-sequential blocks keep the attention "
+                  "output and down_proj's input of every calibration token)") if self.sequential and self.staged else ""
         return (f"{doing}{block} on {self.device}{data}: lower batch_size (qnpu quantize --batch-size, now "
-                f"{self.batch_size}), use fewer calibration samples (--samples) or shorter ones (--seq-len), or "
-                f"calibrate {other}")
+                f"{self.batch_size}), use fewer calibration samples (--samples) or shorter ones (--seq-len){staged}, "
+                f"or calibrate {other}")
 
     def _forward(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if self.forward_dtype is None:

@@ -29,7 +29,8 @@ class BlockResult:
     qweights:     linear name -> quantized weight (`QTensor`, `BiLLMTensor` or `MixedTensor`), from
                   every `WeightsState` in the state: the one channel every rounder uses.
     act_qparams:  linear name -> static ``(scale, zero_point)`` of its input.
-    output_error: ``||y - y_q|| / ||y||`` of the block on the calibration inputs.
+    output_error: ``||y - y_q|| / ||y||`` of the block on the calibration inputs (a true-sequential
+                  block: on the first batch of them; a data-free run: on the error sample).
     linear_errors: linear name -> relative output error on its token sample (module docstring).
     """
 

@@ -108,3 +108,17 @@ def test_possible_only_for_attention_and_mlp_submodules():
         flat = dataclasses.replace(s, o="o_proj")
     assert not BlockStages(flat).possible
     assert isinstance(s, BlockStructure)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_out_of_memory_in_a_true_sequential_block_suggests_one_pass(sequential, monkeypatch):
+    from qnpu.models.engine import LayerwiseCalibration
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(LayerwiseCalibration, "_propagate", no_memory)
+    model, ids = llama_of_block(random_block(3, batch=8, seq=16))
+    with pytest.raises(MemoryError, match="block 0") as err:
+        quantize_model(model, chain(quant_specs(weight=W3), gptq()), ids, progress=False, true_sequential=sequential)
+    assert ("--no-true-sequential" in str(err.value)) == sequential

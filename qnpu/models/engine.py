@@ -431,19 +431,17 @@ class LayerwiseCalibration(SequentialBlocks):
         home = next(block.parameters()).device
         block.to(self.device)
         self._check_params(block, prefix)
-        if self.sequential and self.groups is not None:
-            done = self._sequential_block(block, prefix)
-        elif self.sequential:
+        if self.sequential and self.groups is None:
             # block 0 decides from a one-pass run on the first batch (what the recipe writes does not
-            # depend on how much data it saw); the float path is put back as it was before that run
+            # depend on how much data it saw; `_decide_sequential` sets the groups or turns sequential
+            # off); the float path is put back as it was before that run
             fp_before = self.fp_hidden[self.batches[0][0]].clone() if self.float_path else None
             probe = self._one_pass(block, prefix, self.batches[:1])
             if self.float_path:
                 self.fp_hidden[self.batches[0][0]] = fp_before
-            if self._decide_sequential(*probe[1:4]):
-                done = self._sequential_block(block, prefix)
-            else:
-                done = self._finish_one_pass(block, index, *self._one_pass(block, prefix))
+            self._decide_sequential(*probe[1:4])
+        if self.sequential:
+            done = self._sequential_block(block, prefix)
         else:
             done = self._finish_one_pass(block, index, *self._one_pass(block, prefix))
         original, view, state, errors, qweights, act_qparams, (num, den, bad) = done

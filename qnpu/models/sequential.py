@@ -18,7 +18,6 @@ they keep the one-pass path (`basis_preserving` decides, on block 0).
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Mapping
 
@@ -29,7 +28,7 @@ from qnpu.transforms import BlockStructure, BlockView, RotationState, find_state
 
 from .capture import SiteStats, input_sites, to_device
 from .results import replaced_linears
-from .stages import OUT, BlockStages
+from .stages import OUT, BlockStages, swapped
 
 
 def sequential_groups(structure: BlockStructure) -> tuple[tuple[str, ...], ...]:
@@ -95,21 +94,9 @@ class GroupCapture:
         return {n: done[k] for n, k in self.key.items()}
 
 
-def _set_linears(block: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> None:
-    for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, module)
-
-
-@contextlib.contextmanager
 def float_linears(block: torch.nn.Module, floats: Mapping[str, torch.nn.Module]):
     """The block with its float linears put back for a while (the float path's forward)."""
-    current = {n: block.get_submodule(n) for n in floats}
-    _set_linears(block, floats)
-    try:
-        yield
-    finally:
-        _set_linears(block, current)
+    return swapped(block, floats)
 
 
 class SequentialBlocks:
@@ -145,8 +132,9 @@ class SequentialBlocks:
         view = make_view(original, s, {}, prefix=prefix,
                          inputs=self.hidden[: self.block_input_sample].to(self.recipe_device))
         reference = self._staged_reference(block)
-        caches = [{} for _ in self.batches] if self.staged else None
-        fp_caches = [{} for _ in self.batches] if self.staged and self.float_path else None
+        # one dict per batch while passes resume from caches, None while they restart
+        caches = [{} if self.staged else None for _ in self.batches]
+        fp_caches = [{} if self.staged else None for _ in self.batches]
         states, errors, qweights, act_qparams = [], {}, {}, {}
         for names in self.groups:
             stats = self._capture_group(block, floats, names, caches, fp_caches, prefix=prefix)
@@ -169,10 +157,9 @@ class SequentialBlocks:
         if self.float_path:  # advance the float path: the float block on its own inputs
             with float_linears(block, floats):
                 for b, (rows, args, kwargs) in enumerate(self.batches):
-                    self.fp_hidden[rows] = self._pass(block, OUT, self.fp_hidden[rows], args, kwargs,
-                                                      None if fp_caches is None else fp_caches[b])
+                    self.fp_hidden[rows] = self._pass(block, OUT, self.fp_hidden[rows], args, kwargs, fp_caches[b])
         sums = self._propagate(block, None, reference, lambda b, x, args, kwargs: self._pass(
-            block, OUT, x, args, kwargs, None if caches is None else caches[b]))
+            block, OUT, x, args, kwargs, caches[b]))
         return original, view, tuple(states), errors, qweights, act_qparams, sums
 
     def _pass(self, block: torch.nn.Module, site: int, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -184,14 +171,14 @@ class SequentialBlocks:
         true-sequential block also decides whether passes may resume from caches (`BlockStages.verify`)."""
         rows, args, kwargs = self.batches[0]
         x = self.hidden[rows]
-        reference = self._forward(block, x, args, kwargs)
-        if self.staged is None:
-            self.stages = BlockStages(self.structure)
-            self.staged = self.stages.verify(block, lambda b: self._forward(b, x, args, kwargs), reference)
-            if not self.staged and self.stages.possible:
-                warnings.warn(f"{type(block).__name__}: resuming its forward from o_proj / down_proj inputs did "
-                              "not reproduce the block's output; true-sequential calibration re-runs the block "
-                              "from its input for every group (slower, same result)", stacklevel=5)
+        if self.staged is not None:
+            return self._forward(block, x, args, kwargs)
+        self.stages = BlockStages(self.structure)
+        reference, self.staged = self.stages.verify(block, lambda b: self._forward(b, x, args, kwargs))
+        if not self.staged and self.stages.possible:
+            warnings.warn(f"{type(block).__name__}: resuming its forward from o_proj / down_proj inputs did "
+                          "not reproduce the block's output; true-sequential calibration re-runs the block "
+                          "from its input for every group (slower, same result)", stacklevel=5)
         return reference
 
     def _capture_group(self, block: torch.nn.Module, floats, names, caches, fp_caches, act_specs=None, *,
@@ -209,10 +196,9 @@ class SequentialBlocks:
                 if self.float_path:
                     cap.phase = "fp"
                     with float_linears(block, floats):
-                        self._pass(block, site, self.fp_hidden[rows], args, kwargs,
-                                   None if fp_caches is None else fp_caches[b])
+                        self._pass(block, site, self.fp_hidden[rows], args, kwargs, fp_caches[b])
                 cap.phase = "q"
-                self._pass(block, site, self.hidden[rows], args, kwargs, None if caches is None else caches[b])
+                self._pass(block, site, self.hidden[rows], args, kwargs, caches[b])
         finally:
             for h in handles:
                 h.remove()

@@ -28,7 +28,7 @@ attention output replaces it), twice with a float path (GPTAQ). Freed when the b
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -59,18 +59,20 @@ class _StandIn(nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(block: nn.Module, modules: dict[str, nn.Module]):
-    saved = {}
+def swapped(block: nn.Module, modules: Mapping[str, nn.Module]):
+    """``block`` with ``modules`` (block-relative path -> module) put in place for a while."""
+    saved = {path: block.get_submodule(path) for path in modules}
+    _set_modules(block, modules)
     try:
-        for path, module in modules.items():
-            parent, _, child = path.rpartition(".")
-            owner = block.get_submodule(parent) if parent else block
-            saved[path] = (owner, child, getattr(owner, child))
-            setattr(owner, child, module)
         yield
     finally:
-        for owner, child, module in saved.values():
-            setattr(owner, child, module)
+        _set_modules(block, saved)
+
+
+def _set_modules(block: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    for path, module in modules.items():
+        parent, _, child = path.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, module)
 
 
 class BlockStages:
@@ -112,7 +114,7 @@ class BlockStages:
         if site != OUT:
             hooks.append(block.get_submodule(self.marker[site]).register_forward_pre_hook(self._stop))
         try:
-            with _swapped(block, swaps):
+            with swapped(block, swaps):
                 return forward(block)
         except Stop:
             return None
@@ -136,13 +138,11 @@ class BlockStages:
     def _stop(module, args):
         raise Stop
 
-    def verify(self, block: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
-               reference: torch.Tensor) -> bool:
-        """Whether resumed passes reproduce ``reference`` (the plain forward's output of ``block`` on the
-        same batch): the passes to o_proj, gate, down_proj, then the output with both stand-ins. Also
-        learns what the attention and MLP modules return, for the stand-ins."""
-        if not self.possible:
-            return False
+    def verify(self, block: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The plain forward's output of ``block`` on one batch (``forward(block)``), and whether resumed
+        passes reproduce it: the passes to o_proj, gate, down_proj, then the output with both
+        stand-ins. The plain forward also shows what the attention and MLP modules return, for the
+        stand-ins."""
         seen: dict[str, int | None] = {}
 
         def learn(key: str):
@@ -150,21 +150,23 @@ class BlockStages:
                 seen[key] = len(out) if isinstance(out, tuple) else None
             return hook
 
-        hooks = [block.get_submodule(path).register_forward_hook(learn(key))
-                 for key, path in (("attn", self.attn), ("mlp", self.mlp))]
+        paths = (("attn", self.attn), ("mlp", self.mlp)) if self.possible else ()
+        hooks = [block.get_submodule(path).register_forward_hook(learn(key)) for key, path in paths]
         try:
-            forward(block)
+            reference = forward(block)
         finally:
             for h in hooks:
                 h.remove()
+        if not self.possible:
+            return reference, False
         self.arity = seen
         cache: dict = {}
         for site in (O_IN, MLP_IN, DOWN_IN):
             self.run(block, site, forward, cache)
         if not {"attn_out", "down_in"} <= set(cache):
-            return False
+            return reference, False
         out = self.run(block, OUT, forward, cache)
         if out is None or out.shape != reference.shape:
-            return False
+            return reference, False
         scale = float(reference.double().norm())
-        return float((out.double() - reference.double()).norm()) <= 1e-5 * max(scale, 1e-30)
+        return reference, float((out.double() - reference.double()).norm()) <= 1e-5 * max(scale, 1e-30)
